@@ -1,0 +1,133 @@
+"""Configuration of one MoE block (router, losses, capacity, experts).
+
+`MoEConfig` is the schema of the Hydra config group `moe` (``conf/moe/*.yaml``). Each field documents its unit and
+typical values. `validate_moe_config` is the boundary check: it raises `ValueError` naming the field, the value and
+what is allowed, before any tensor is allocated.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+ROUTERS = ("topk", "noisy_topk")
+ACTIVATIONS = ("swiglu", "gelu", "relu")
+SECOND_EXPERT_POLICIES = ("all", "sampling")
+DROP_POLICIES = ("position", "probability")
+AUX_LOSS_COUNTING = ("first", "all")
+EXPERT_IMPLS = ("auto", "grouped_mm", "loop")
+DROPLESS = -1.0  # the documented capacity-factor value that selects dropless routing
+
+
+@dataclass
+class MoEConfig:
+    """One MoE feed-forward block. Presets: conf/moe/{mixtral,switch,gshard,noisy_topk}.yaml."""
+
+    num_experts: int = 8
+    """E: routed experts per MoE layer. Typical 8 (Mixtral), 64-128 (Switch-Base)."""
+
+    top_k: int = 2
+    """k: experts each token is sent to, 1 <= k <= num_experts. 1 = Switch, 2 = GShard/Mixtral."""
+
+    d_ff: int = 1024
+    """F: hidden width of one expert (per-expert FFN width), in features. Mixtral-8x7B: 14336."""
+
+    activation: str = "swiglu"
+    """Expert MLP: `swiglu` (Mixtral: w2(silu(w1 x) * w3 x)) or `gelu`/`relu` (Switch/GShard: w2(act(w1 x)))."""
+
+    router: str = "topk"
+    """Gating function. `topk`: softmax over the linear router logits, keep the k largest.
+    `noisy_topk` (Shazeer et al. 2017): logits + N(0, 1) * softplus(x W_noise) with a trainable W_noise, training only."""
+
+    renormalize: bool = True
+    """Rescale the kept experts' probabilities to sum to 1 per token (Mixtral, GShard top-2). False keeps the raw
+    softmax probability (Switch top-1). In capacity mode the sum is over the experts that survived dropping, as
+    GShard, fairseq and DeepSpeed do."""
+
+    second_expert_policy: str = "all"
+    """`all`: every one of the k choices is dispatched. `sampling` (GShard, k=2 only): the second expert is kept with
+    probability min(1, 2 * g2), g2 its weight renormalised over the top two; dropped ones take no capacity."""
+
+    jitter_eps: float = 0.0
+    """Switch router jitter: multiply the router input by U(1 - eps, 1 + eps) during training. Typical 0.01; 0 = off."""
+
+    capacity_factor: float = 1.25
+    """Training capacity factor cf: C = max(ceil(cf * tokens * k / E), min_capacity) slots per expert; overflowing
+    token-expert pairs are dropped. Typical 1.0-2.0. -1 = dropless (every pair computed; variable-size groups)."""
+
+    eval_capacity_factor: float = 2.0
+    """Capacity factor in eval mode (module.eval()); same meaning and -1 = dropless."""
+
+    min_capacity: int = 4
+    """Lower bound on C, in tokens per expert (DeepSpeed's default 4). 0 = no bound."""
+
+    drop_policy: str = "position"
+    """Which pairs survive when an expert overflows. `position`: all first choices before all second choices, earlier
+    tokens first (GShard, DeepSpeed). `probability`: highest router probability first."""
+
+    aux_loss_coef: float = 0.01
+    """Coefficient of the load-balancing loss E * sum_e f_e * P_e. Typical 0.01 (Switch), 0.02 (Mixtral); 0 = off."""
+
+    aux_loss_counting: str = "first"
+    """How f_e is counted: `first` = fraction of tokens whose first choice is e (GShard, DeepSpeed; balanced value 1);
+    `all` = fraction of tokens that chose e among their k (HF Mixtral's load_balancing_loss_func; balanced value k)."""
+
+    z_loss_coef: float = 0.0
+    """Coefficient of the router z-loss mean_t(logsumexp(logits_t)^2) (ST-MoE). Typical 1e-3; 0 = off."""
+
+    num_shared_experts: int = 0
+    """Always-active shared experts (DeepSeekMoE), run as one dense MLP of width num_shared_experts * d_ff and added to
+    the routed output. 0 = none."""
+
+    expert_impl: str = "auto"
+    """Dropless expert computation: `grouped_mm` (torch grouped GEMM), `loop` (one matmul per non-empty expert; one
+    host sync per layer for the group sizes), `auto` (grouped_mm where the build supports it, else loop)."""
+
+    @property
+    def dropless(self) -> bool:
+        return self.capacity_factor == DROPLESS
+
+    def capacity_factor_for(self, training: bool) -> float:
+        return self.capacity_factor if training else self.eval_capacity_factor
+
+
+def _check_choice(name: str, value: object, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"moe.{name}={value!r} is not supported; allowed: {', '.join(map(repr, allowed))}")
+
+
+def _check_capacity_factor(name: str, value: float) -> None:
+    if value == DROPLESS:
+        return
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"moe.{name}={value!r} must be a positive number, or {DROPLESS} for dropless routing")
+
+
+def validate_moe_config(cfg: MoEConfig, d_model: Optional[int] = None) -> None:
+    """Raise ValueError naming the first invalid field of `cfg`, its value and what is allowed."""
+    if cfg.num_experts < 1:
+        raise ValueError(f"moe.num_experts={cfg.num_experts} must be >= 1")
+    if not 1 <= cfg.top_k <= cfg.num_experts:
+        raise ValueError(f"moe.top_k={cfg.top_k} must be between 1 and moe.num_experts={cfg.num_experts}")
+    if cfg.d_ff < 1:
+        raise ValueError(f"moe.d_ff={cfg.d_ff} must be >= 1")
+    if d_model is not None and d_model < 1:
+        raise ValueError(f"d_model={d_model} must be >= 1")
+    for name, allowed in (("activation", ACTIVATIONS), ("router", ROUTERS), ("drop_policy", DROP_POLICIES),
+                          ("second_expert_policy", SECOND_EXPERT_POLICIES),
+                          ("aux_loss_counting", AUX_LOSS_COUNTING), ("expert_impl", EXPERT_IMPLS)):
+        _check_choice(name, getattr(cfg, name), allowed)
+    if cfg.second_expert_policy == "sampling" and cfg.top_k != 2:
+        raise ValueError(f"moe.second_expert_policy='sampling' needs moe.top_k=2, got moe.top_k={cfg.top_k}")
+    _check_capacity_factor("capacity_factor", cfg.capacity_factor)
+    _check_capacity_factor("eval_capacity_factor", cfg.eval_capacity_factor)
+    for name in ("min_capacity", "num_shared_experts"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"moe.{name}={getattr(cfg, name)} must be >= 0")
+    for name in ("jitter_eps", "aux_loss_coef", "z_loss_coef"):
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"moe.{name}={value!r} must be a finite number >= 0")
+    if cfg.jitter_eps >= 1:
+        raise ValueError(f"moe.jitter_eps={cfg.jitter_eps} must be < 1 (the input is scaled by U(1-eps, 1+eps))")

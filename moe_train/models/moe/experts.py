@@ -1,0 +1,107 @@
+"""Routed experts with weights stacked per layer, and the plain per-expert loop kept as the test reference.
+
+Shape legend: T tokens, D model width, F expert hidden width, E experts, C capacity, R grouped rows.
+Weights: w1_EFD (gate / first projection), w3_EFD (up projection, SwiGLU only), w2_EDF (down projection); these are
+Mixtral's w1/w3/w2 per expert.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}
+
+
+def expert_mlp(x_ND: torch.Tensor, w1_FD, w2_DF, w3_FD: Optional[torch.Tensor], activation: str) -> torch.Tensor:
+    """One expert (or a dense FFN): SwiGLU w2(silu(w1 x) * w3 x) or w2(act(w1 x))."""
+    h_NF = x_ND @ w1_FD.t()
+    h_NF = F.silu(h_NF) * (x_ND @ w3_FD.t()) if activation == "swiglu" else _ACTIVATIONS[activation](h_NF)
+    return h_NF @ w2_DF.t()
+
+
+def grouped_mm_supported(x: torch.Tensor, w_EFD: torch.Tensor) -> bool:
+    """torch._grouped_mm needs a float32/bfloat16 build kernel and rows whose byte strides are multiples of 16."""
+    if not hasattr(torch, "_grouped_mm") or x.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    return all((n * x.element_size()) % 16 == 0 for n in w_EFD.shape[1:])
+
+
+class GroupedExperts(nn.Module):
+    def __init__(self, num_experts: int, d_model: int, d_ff: int, activation: str, impl: str = "auto"):
+        super().__init__()
+        self.activation = activation
+        self.impl = impl
+        self.w1 = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
+        self.w2 = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
+        self.w3 = nn.Parameter(torch.empty(num_experts, d_ff, d_model)) if activation == "swiglu" else None
+        self.init_weights()
+
+    @property
+    def num_experts(self) -> int:
+        return self.w1.shape[0]
+
+    def init_weights(self, std: float = 0.02) -> None:
+        for w in (self.w1, self.w2, self.w3):
+            if w is not None:
+                nn.init.normal_(w, std=std)
+
+    def forward(self, x: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """[E, C, D] capacity buffer -> batched matmul; [R, D] rows grouped by expert -> grouped computation."""
+        if x.dim() == 3:
+            return self.forward_batched(x)
+        return self.forward_grouped(x, counts_E)
+
+    def forward_batched(self, x_ECD: torch.Tensor) -> torch.Tensor:
+        h_ECF = torch.bmm(x_ECD, self.w1.transpose(1, 2))
+        if self.activation == "swiglu":
+            h_ECF = F.silu(h_ECF) * torch.bmm(x_ECD, self.w3.transpose(1, 2))
+        else:
+            h_ECF = _ACTIVATIONS[self.activation](h_ECF)
+        return torch.bmm(h_ECF, self.w2.transpose(1, 2))
+
+    def forward_grouped(self, x_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        use_grouped_mm = self.impl == "grouped_mm" or (
+            self.impl == "auto" and x_RD.is_cuda and grouped_mm_supported(x_RD, self.w1))
+        if use_grouped_mm:
+            return self.forward_grouped_mm(x_RD, counts_E)
+        return self.forward_loop(x_RD, counts_E)
+
+    def forward_grouped_mm(self, x_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        if not grouped_mm_supported(x_RD, self.w1):
+            raise ValueError(f"moe.expert_impl='grouped_mm' needs float32/bfloat16 and widths whose byte size is a "
+                             f"multiple of 16; got dtype={x_RD.dtype}, w1 shape={tuple(self.w1.shape)}")
+        offs_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)  # group ends, stays on device: no host sync
+        h_RF = torch._grouped_mm(x_RD, self.w1.transpose(1, 2), offs=offs_E)
+        if self.activation == "swiglu":
+            h_RF = F.silu(h_RF) * torch._grouped_mm(x_RD, self.w3.transpose(1, 2), offs=offs_E)
+        else:
+            h_RF = _ACTIVATIONS[self.activation](h_RF)
+        return torch._grouped_mm(h_RF, self.w2.transpose(1, 2), offs=offs_E)
+
+    def forward_loop(self, x_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """One matmul chain per non-empty expert over its contiguous rows."""
+        counts = counts_E.tolist()  # host sync: group sizes decide the slices (free on CPU)
+        outs = []
+        for e, x_ND in enumerate(torch.split(x_RD, counts)):
+            if counts[e] > 0:
+                outs.append(expert_mlp(x_ND, self.w1[e], self.w2[e], None if self.w3 is None else self.w3[e],
+                                       self.activation))
+        return torch.cat(outs) if outs else x_RD.new_zeros(x_RD.shape)
+
+
+def loop_reference(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
+                   experts: GroupedExperts) -> torch.Tensor:
+    """Test oracle: for each expert, find its tokens with a mask and add weight * expert(x). No dispatch code."""
+    out_TD = torch.zeros_like(x_TD)
+    for e in range(experts.num_experts):
+        token_N, choice_N = torch.nonzero(ids_TK == e, as_tuple=True)
+        if token_N.numel() == 0:
+            continue
+        w3 = None if experts.w3 is None else experts.w3[e]
+        y_ND = expert_mlp(x_TD[token_N], experts.w1[e], experts.w2[e], w3, experts.activation)
+        out_TD = out_TD.index_add(0, token_N, y_ND * weights_TK[token_N, choice_N, None].to(y_ND.dtype))
+    return out_TD

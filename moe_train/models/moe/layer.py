@@ -1,0 +1,122 @@
+"""The MoE feed-forward layer: route -> plan -> dispatch -> experts -> combine (+ shared experts).
+
+Shape legend: T tokens (all leading dims of the input flattened), D model width, E experts, K experts per token.
+
+forward(x) returns (out, aux_loss): `aux_loss` = aux_loss_coef * L_aux + z_loss_coef * L_z is a differentiable
+scalar the caller adds to its loss, so the router gets its balancing gradient through autograd. Per-layer statistics
+are kept as detached device tensors in `layer.last_stats`; reading them (e.g. `.tolist()`) is the caller's host sync.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from moe_train.config.moe import MoEConfig, validate_moe_config
+from moe_train.models.moe import losses
+from moe_train.models.moe.dispatch import LocalDispatcher
+from moe_train.models.moe.experts import GroupedExperts, expert_mlp
+from moe_train.models.moe.router import RouterOutput, build_router
+from moe_train.models.moe.routing import DispatchPlan, capacity_plan, dropless_plan, expert_capacity
+
+
+@dataclass
+class MoEStats:
+    """Detached statistics of the last forward pass (device tensors: no host sync until read)."""
+
+    tokens_per_expert: torch.Tensor  # [E] float: token-expert pairs computed per expert
+    drop_frac: torch.Tensor  # fraction of routed pairs dropped by capacity
+    router_entropy: torch.Tensor  # mean per-token router entropy, nats
+    aux_loss: torch.Tensor  # unscaled load-balancing loss L_aux
+    z_loss: torch.Tensor  # unscaled router z-loss L_z
+    capacity: Optional[int]  # C, or None when dropless
+
+
+class SharedExperts(nn.Module):
+    """Always-active dense MLP of width num_shared_experts * d_ff (DeepSeekMoE shared experts)."""
+
+    def __init__(self, d_model: int, d_hidden: int, activation: str):
+        super().__init__()
+        self.activation = activation
+        self.w1 = nn.Parameter(torch.empty(d_hidden, d_model))
+        self.w2 = nn.Parameter(torch.empty(d_model, d_hidden))
+        self.w3 = nn.Parameter(torch.empty(d_hidden, d_model)) if activation == "swiglu" else None
+        self.init_weights()
+
+    def init_weights(self, std: float = 0.02) -> None:
+        for w in (self.w1, self.w2, self.w3):
+            if w is not None:
+                nn.init.normal_(w, std=std)
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return expert_mlp(x_TD, self.w1, self.w2, self.w3, self.activation)
+
+
+class MoELayer(nn.Module):
+    def __init__(self, d_model: int, cfg: MoEConfig, dispatcher: Optional[LocalDispatcher] = None):
+        super().__init__()
+        validate_moe_config(cfg, d_model)
+        if cfg.second_expert_policy == "sampling" and cfg.dropless:
+            raise ValueError("moe.second_expert_policy='sampling' saves capacity, which dropless routing "
+                             "(moe.capacity_factor=-1) does not have; use a positive capacity_factor or policy 'all'")
+        self.cfg = cfg
+        self.d_model = d_model
+        self.router = build_router(d_model, cfg)
+        self.experts = GroupedExperts(cfg.num_experts, d_model, cfg.d_ff, cfg.activation, cfg.expert_impl)
+        self.shared_experts = self.build_shared_experts(d_model, cfg)
+        self.dispatcher = dispatcher if dispatcher is not None else LocalDispatcher()
+        self.last_stats: Optional[MoEStats] = None
+
+    @staticmethod
+    def build_shared_experts(d_model: int, cfg: MoEConfig) -> Optional[SharedExperts]:
+        if cfg.num_shared_experts == 0:
+            return None
+        return SharedExperts(d_model, cfg.num_shared_experts * cfg.d_ff, cfg.activation)
+
+    def init_weights(self, std: float = 0.02) -> None:
+        for module in (self.router, self.experts, self.shared_experts):
+            if module is not None:
+                module.init_weights(std)
+
+    def plan(self, route: RouterOutput) -> DispatchPlan:
+        cfg = self.cfg
+        capacity_factor = cfg.capacity_factor_for(self.training)
+        if capacity_factor < 0:
+            return dropless_plan(route.ids_TK, route.probs_TK, cfg.num_experts, cfg.renormalize)
+        num_tokens = route.ids_TK.shape[0]
+        capacity = expert_capacity(num_tokens, cfg.num_experts, cfg.top_k, capacity_factor, cfg.min_capacity)
+        return capacity_plan(route.ids_TK, route.probs_TK, route.active_TK, cfg.num_experts, capacity,
+                             cfg.drop_policy, cfg.renormalize)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"MoE input width x.shape[-1]={x.shape[-1]} does not match d_model={self.d_model}")
+        x_TD = x.reshape(-1, self.d_model)
+        route = self.router(x_TD)
+        plan = self.plan(route)
+        expert_in = self.dispatcher.dispatch(x_TD, plan)
+        expert_out = self.experts(expert_in, plan.counts_E)
+        out_TD = self.dispatcher.combine(expert_out, plan)
+        if self.shared_experts is not None:
+            out_TD = out_TD + self.shared_experts(x_TD)
+        aux_loss = self.aux_loss(route, plan)
+        return out_TD.view(x.shape), aux_loss
+
+    def aux_loss(self, route: RouterOutput, plan: DispatchPlan) -> torch.Tensor:
+        cfg = self.cfg
+        fractions_E = losses.expert_fractions(route.ids_TK, cfg.num_experts, cfg.aux_loss_counting, route.active_TK)
+        lb_loss = losses.load_balancing_loss(route.probs_TE, fractions_E)
+        z_loss = losses.router_z_loss(route.logits_TE)
+        self.last_stats = self.collect_stats(route, plan, lb_loss, z_loss)
+        return cfg.aux_loss_coef * lb_loss + cfg.z_loss_coef * z_loss
+
+    @staticmethod
+    @torch.no_grad()
+    def collect_stats(route: RouterOutput, plan: DispatchPlan, lb_loss, z_loss) -> MoEStats:
+        routed = plan.active_A.sum().clamp_min(1)
+        drop_frac = 1.0 - plan.kept_A.sum() / routed
+        return MoEStats(plan.counts_E.float(), drop_frac, losses.router_entropy(route.probs_TE),
+                        lb_loss.detach(), z_loss.detach(), plan.capacity)

@@ -1,0 +1,99 @@
+"""Learned token routers: softmax top-k, Switch top-1, GShard top-2 with a sampled second expert, noisy top-k
+gating (Shazeer et al. 2017) and Switch input jitter.
+
+Shape legend: T tokens, D model width, E experts, K experts per token.
+
+All router math is float32 whatever the model dtype. Randomness (jitter, noise, second-expert sampling) draws from
+the global torch RNG, so a run seeded with torch.manual_seed is reproducible; it is active in training mode only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_train.config.moe import MoEConfig
+
+
+@dataclass
+class RouterOutput:
+    logits_TE: torch.Tensor  # float32 router logits (after noise, if any)
+    probs_TE: torch.Tensor  # float32 softmax(logits_TE)
+    ids_TK: torch.Tensor  # int64 chosen experts, best first
+    probs_TK: torch.Tensor  # float32 softmax probability of each chosen expert (not renormalised)
+    active_TK: Optional[torch.Tensor]  # bool; None = every choice dispatched (no second-expert sampling)
+
+
+class TopKRouter(nn.Module):
+    """logits = x W^T (float32), probs = softmax(logits), keep the k most probable experts per token."""
+
+    def __init__(self, d_model: int, cfg: MoEConfig):
+        super().__init__()
+        self.num_experts = cfg.num_experts
+        self.top_k = cfg.top_k
+        self.jitter_eps = cfg.jitter_eps
+        self.sample_second = cfg.second_expert_policy == "sampling"
+        # Kept in float32 like DeepSpeed's TopKGate.wg; routing decisions are sensitive to rounding.
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, d_model, dtype=torch.float32))
+        self.init_weights()
+
+    def init_weights(self, std: float = 0.02) -> None:
+        nn.init.normal_(self.weight, std=std)
+
+    def compute_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        x32_TD = x_TD.float()
+        if self.training and self.jitter_eps > 0:
+            # Switch Transformer jitter: multiplicative noise on the router input only.
+            noise = torch.empty_like(x32_TD).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
+            x32_TD = x32_TD * noise
+        return F.linear(x32_TD, self.weight.float())
+
+    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+        logits_TE = self.compute_logits(x_TD)
+        probs_TE = torch.softmax(logits_TE, dim=-1)
+        probs_TK, ids_TK = torch.topk(probs_TE, self.top_k, dim=-1)
+        active_TK = self.sample_second_expert(probs_TK) if self.training and self.sample_second else None
+        return RouterOutput(logits_TE, probs_TE, ids_TK, probs_TK, active_TK)
+
+    @staticmethod
+    def sample_second_expert(probs_TK: torch.Tensor) -> torch.Tensor:
+        """GShard random routing: keep the second expert with probability min(1, 2 * g2), g2 = p2 / (p1 + p2)."""
+        g2_T = probs_TK[:, 1] / (probs_TK[:, 0] + probs_TK[:, 1]).clamp_min(torch.finfo(torch.float32).eps)
+        keep2_T = 2.0 * g2_T.detach() > torch.rand_like(g2_T)
+        first_T = torch.ones_like(keep2_T)
+        return torch.stack([first_T, keep2_T], dim=-1)
+
+
+class NoisyTopKRouter(TopKRouter):
+    """Noisy top-k gating (Shazeer et al. 2017): H(x) = x W_g + N(0, 1) * softplus(x W_noise) in training.
+
+    W_noise is trainable and starts at zero (noise std softplus(0) = 0.69); without `renormalize` the weights are the
+    full-softmax probabilities, with it they equal Shazeer's softmax over the k kept noisy logits.
+    """
+
+    def __init__(self, d_model: int, cfg: MoEConfig):
+        super().__init__(d_model, cfg)
+        self.noise_weight = nn.Parameter(torch.zeros(cfg.num_experts, d_model, dtype=torch.float32))
+
+    def init_weights(self, std: float = 0.02) -> None:
+        super().init_weights(std)
+        if hasattr(self, "noise_weight"):
+            nn.init.zeros_(self.noise_weight)
+
+    def compute_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        logits_TE = super().compute_logits(x_TD)
+        if not self.training:
+            return logits_TE
+        noise_std_TE = F.softplus(F.linear(x_TD.float(), self.noise_weight.float()))
+        return logits_TE + torch.randn_like(logits_TE) * noise_std_TE
+
+
+ROUTER_CLASSES = {"topk": TopKRouter, "noisy_topk": NoisyTopKRouter}
+
+
+def build_router(d_model: int, cfg: MoEConfig) -> TopKRouter:
+    return ROUTER_CLASSES[cfg.router](d_model, cfg)
