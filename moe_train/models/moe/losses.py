@@ -1,5 +1,6 @@
-"""Router auxiliary losses. Both are plain differentiable functions of the router output: the layer adds them,
-scaled by their coefficients, to the scalar it returns, so their gradients reach the router through autograd.
+"""Router auxiliary losses (inputs come from the router, already float32 or wider). Both are plain differentiable
+functions of the router output: the layer adds them, scaled by their coefficients, to the scalar it returns, so
+their gradients reach the router through autograd.
 
 Shape legend: T tokens, E experts, K experts per token.
 """
@@ -24,7 +25,7 @@ def expert_fractions(ids_TK: torch.Tensor, num_experts: int, counting: str,
         ids = ids_TK.reshape(-1)
         weights = None if active_TK is None else active_TK.reshape(-1).float()
     counts_E = torch.bincount(ids, weights=weights, minlength=num_experts)
-    return counts_E.float() / max(num_tokens, 1)
+    return counts_E.to(torch.float32) / max(num_tokens, 1)
 
 
 def load_balancing_loss(probs_TE: torch.Tensor, fractions_E: torch.Tensor) -> torch.Tensor:
@@ -35,16 +36,16 @@ def load_balancing_loss(probs_TE: torch.Tensor, fractions_E: torch.Tensor) -> to
     `load_balancing_loss_func`. A perfectly balanced router scores 1 (first) or k (all).
     """
     num_experts = probs_TE.shape[-1]
-    mean_probs_E = probs_TE.float().mean(dim=0)
+    mean_probs_E = probs_TE.mean(dim=0)
     return num_experts * torch.sum(fractions_E * mean_probs_E)
 
 
 def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
     """ST-MoE router z-loss  L_z = mean_t (logsumexp_e logits_te)^2: keeps the logits small for stability."""
-    return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
+    return torch.logsumexp(logits_TE, dim=-1).square().mean()
 
 
 def router_entropy(probs_TE: torch.Tensor) -> torch.Tensor:
     """Mean per-token entropy of the router distribution, in nats (log E = uniform, 0 = one-hot)."""
-    p = probs_TE.float()
+    p = probs_TE
     return -(p * torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))).sum(dim=-1).mean()

@@ -3,7 +3,7 @@ gating (Shazeer et al. 2017) and Switch input jitter.
 
 Shape legend: T tokens, D model width, E experts, K experts per token.
 
-All router math is float32 whatever the model dtype. Randomness (jitter, noise, second-expert sampling) draws from
+All router math is at least float32 whatever the model dtype (float64 stays float64, for gradcheck). Randomness (jitter, noise, second-expert sampling) draws from
 the global torch RNG, so a run seeded with torch.manual_seed is reproducible; it is active in training mode only.
 """
 
@@ -19,12 +19,17 @@ from torch import nn
 from moe_train.config.moe import MoEConfig
 
 
+def router_dtype(x: torch.Tensor) -> torch.dtype:
+    """float32 for 16-bit models (routing decisions are sensitive to rounding), float64 for float64 ones."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 @dataclass
 class RouterOutput:
-    logits_TE: torch.Tensor  # float32 router logits (after noise, if any)
-    probs_TE: torch.Tensor  # float32 softmax(logits_TE)
+    logits_TE: torch.Tensor  # >= float32 router logits (after noise, if any)
+    probs_TE: torch.Tensor  # >= float32 softmax(logits_TE)
     ids_TK: torch.Tensor  # int64 chosen experts, best first
-    probs_TK: torch.Tensor  # float32 softmax probability of each chosen expert (not renormalised)
+    probs_TK: torch.Tensor  # >= float32 softmax probability of each chosen expert (not renormalised)
     active_TK: Optional[torch.Tensor]  # bool; None = every choice dispatched (no second-expert sampling)
 
 
@@ -45,12 +50,12 @@ class TopKRouter(nn.Module):
         nn.init.normal_(self.weight, std=std)
 
     def compute_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        x32_TD = x_TD.float()
+        x32_TD = x_TD.to(router_dtype(x_TD))
         if self.training and self.jitter_eps > 0:
             # Switch Transformer jitter: multiplicative noise on the router input only.
             noise = torch.empty_like(x32_TD).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
             x32_TD = x32_TD * noise
-        return F.linear(x32_TD, self.weight.float())
+        return F.linear(x32_TD, self.weight.to(x32_TD.dtype))
 
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
         logits_TE = self.compute_logits(x_TD)
@@ -62,7 +67,7 @@ class TopKRouter(nn.Module):
     @staticmethod
     def sample_second_expert(probs_TK: torch.Tensor) -> torch.Tensor:
         """GShard random routing: keep the second expert with probability min(1, 2 * g2), g2 = p2 / (p1 + p2)."""
-        g2_T = probs_TK[:, 1] / (probs_TK[:, 0] + probs_TK[:, 1]).clamp_min(torch.finfo(torch.float32).eps)
+        g2_T = probs_TK[:, 1] / (probs_TK[:, 0] + probs_TK[:, 1]).clamp_min(torch.finfo(probs_TK.dtype).eps)
         keep2_T = 2.0 * g2_T.detach() > torch.rand_like(g2_T)
         first_T = torch.ones_like(keep2_T)
         return torch.stack([first_T, keep2_T], dim=-1)
@@ -88,7 +93,8 @@ class NoisyTopKRouter(TopKRouter):
         logits_TE = super().compute_logits(x_TD)
         if not self.training:
             return logits_TE
-        noise_std_TE = F.softplus(F.linear(x_TD.float(), self.noise_weight.float()))
+        x32_TD = x_TD.to(logits_TE.dtype)
+        noise_std_TE = F.softplus(F.linear(x32_TD, self.noise_weight.to(x32_TD.dtype)))
         return logits_TE + torch.randn_like(logits_TE) * noise_std_TE
 
 

@@ -1,0 +1,34 @@
+"""Builders shared by the MoE tests."""
+
+from __future__ import annotations
+
+import torch
+
+from moe_train.config import MoEConfig
+from moe_train.models.moe import MoELayer
+
+
+def make_layer(d_model: int = 16, dtype=torch.float32, **overrides) -> MoELayer:
+    defaults = dict(num_experts=4, top_k=2, d_ff=24, capacity_factor=1.25, min_capacity=0, aux_loss_coef=0.01)
+    layer = MoELayer(d_model, MoEConfig(**{**defaults, **overrides}))
+    return layer.to(dtype)
+
+
+def param_grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
+
+
+def forward_backward(layer, x: torch.Tensor, upstream: torch.Tensor | None = None):
+    """Run forward + backward of (out * upstream).sum() + aux; return (out, aux, x.grad, param grads)."""
+    layer.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    out, aux = layer(x)
+    upstream = torch.ones_like(out) if upstream is None else upstream
+    ((out * upstream).sum() + aux).backward()
+    return out.detach(), aux.detach(), x.grad, param_grads(layer)
+
+
+def routing_of(layer, x_TD: torch.Tensor):
+    """The router output and dispatch plan the layer computes for x_TD (same RNG draws as a forward)."""
+    route = layer.router(x_TD)
+    return route, layer.plan(route)
