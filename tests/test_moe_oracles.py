@@ -47,12 +47,14 @@ def _reference_forward_backward(layer, x_TD, upstream_TD):
 
 
 CASES = [
-    dict(capacity_factor=1.25),
-    dict(capacity_factor=0.5),  # heavy dropping
+    dict(capacity_factor=1.25, expert_impl="loop"),
+    dict(capacity_factor=1.25, expert_impl="grouped"),
+    dict(capacity_factor=0.5, expert_impl="loop"),  # heavy dropping
+    dict(capacity_factor=0.5, expert_impl="grouped"),
     dict(capacity_factor=1.0, drop_policy="probability"),
     dict(capacity_factor=1.0, renormalize=False, top_k=1),
     dict(capacity_factor=-1.0, expert_impl="loop"),
-    dict(capacity_factor=-1.0, expert_impl="grouped_mm"),
+    dict(capacity_factor=-1.0, expert_impl="grouped"),
     dict(capacity_factor=-1.0, top_k=3, activation="gelu"),
     dict(capacity_factor=1.25, num_shared_experts=0, activation="relu"),
 ]

@@ -16,7 +16,7 @@ ACTIVATIONS = ("swiglu", "gelu", "relu")
 SECOND_EXPERT_POLICIES = ("all", "sampling")
 DROP_POLICIES = ("position", "probability")
 AUX_LOSS_COUNTING = ("first", "all")
-EXPERT_IMPLS = ("auto", "grouped_mm", "loop")
+EXPERT_IMPLS = ("auto", "grouped", "loop")
 DROPLESS = -1.0  # the documented capacity-factor value that selects dropless routing
 
 
@@ -81,8 +81,10 @@ class MoEConfig:
     the routed output. 0 = none."""
 
     expert_impl: str = "auto"
-    """Dropless expert computation: `grouped_mm` (torch grouped GEMM), `loop` (one matmul per non-empty expert; one
-    host sync per layer for the group sizes), `auto` (grouped_mm where the build supports it, else loop)."""
+    """Expert computation. `grouped`: no host sync; a batched matmul over the whole [E, C, D] capacity buffer (empty
+    slots included) or torch's grouped GEMM over the dropless groups. `loop`: one matmul chain per non-empty expert
+    over its filled rows only (one host sync per layer to read the group sizes). `auto`: `grouped` on accelerators,
+    `loop` on CPU, where a host sync costs nothing and skipping empty slots saves compute."""
 
     @property
     def dropless(self) -> bool:

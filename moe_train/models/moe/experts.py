@@ -50,12 +50,22 @@ class GroupedExperts(nn.Module):
                 nn.init.normal_(w, std=std)
 
     def forward(self, x: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """[E, C, D] capacity buffer -> batched matmul; [R, D] rows grouped by expert -> grouped computation."""
+        """[E, C, D] capacity buffer (slots [0, counts_E[e]) filled) or [R, D] rows grouped by expert -> same shape."""
+        if not self.use_loop(x):
+            return self.forward_batched(x) if x.dim() == 3 else self.forward_grouped_mm(x, counts_E)
         if x.dim() == 3:
-            return self.forward_batched(x)
-        return self.forward_grouped(x, counts_E)
+            return self.forward_capacity_loop(x, counts_E)
+        return self.forward_loop(x, counts_E)
+
+    def use_loop(self, x: torch.Tensor) -> bool:
+        """`auto`: sync-free kernels on accelerators; on CPU a loop over filled rows (host syncs cost nothing there,
+        and skipping the empty capacity slots saves (cf - 1) / cf of the FLOPs). Grouped GEMM needs 16-byte strides."""
+        if self.impl == "auto":
+            return x.device.type == "cpu" or (x.dim() == 2 and not grouped_mm_supported(x, self.w1))
+        return self.impl == "loop"
 
     def forward_batched(self, x_ECD: torch.Tensor) -> torch.Tensor:
+        """Batched matmul over the whole capacity buffer, empty slots included (static shapes, no host sync)."""
         h_ECF = torch.bmm(x_ECD, self.w1.transpose(1, 2))
         if self.activation == "swiglu":
             h_ECF = F.silu(h_ECF) * torch.bmm(x_ECD, self.w3.transpose(1, 2))
@@ -63,18 +73,12 @@ class GroupedExperts(nn.Module):
             h_ECF = _ACTIVATIONS[self.activation](h_ECF)
         return torch.bmm(h_ECF, self.w2.transpose(1, 2))
 
-    def forward_grouped(self, x_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        use_grouped_mm = self.impl == "grouped_mm" or (
-            self.impl == "auto" and x_RD.is_cuda and grouped_mm_supported(x_RD, self.w1))
-        if use_grouped_mm:
-            return self.forward_grouped_mm(x_RD, counts_E)
-        return self.forward_loop(x_RD, counts_E)
-
     def forward_grouped_mm(self, x_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """torch grouped GEMM over rows grouped by expert; group ends stay on the device (no host sync)."""
         if not grouped_mm_supported(x_RD, self.w1):
-            raise ValueError(f"moe.expert_impl='grouped_mm' needs float32/bfloat16 and widths whose byte size is a "
+            raise ValueError(f"moe.expert_impl='grouped' needs float32/bfloat16 and widths whose byte size is a "
                              f"multiple of 16; got dtype={x_RD.dtype}, w1 shape={tuple(self.w1.shape)}")
-        offs_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)  # group ends, stays on device: no host sync
+        offs_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
         h_RF = torch._grouped_mm(x_RD, self.w1.transpose(1, 2), offs=offs_E)
         if self.activation == "swiglu":
             h_RF = F.silu(h_RF) * torch._grouped_mm(x_RD, self.w3.transpose(1, 2), offs=offs_E)
@@ -82,15 +86,22 @@ class GroupedExperts(nn.Module):
             h_RF = _ACTIVATIONS[self.activation](h_RF)
         return torch._grouped_mm(h_RF, self.w2.transpose(1, 2), offs=offs_E)
 
+    def expert(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
+        return expert_mlp(x_ND, self.w1[e], self.w2[e], None if self.w3 is None else self.w3[e], self.activation)
+
     def forward_loop(self, x_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """One matmul chain per non-empty expert over its contiguous rows."""
-        counts = counts_E.tolist()  # host sync: group sizes decide the slices (free on CPU)
-        outs = []
-        for e, x_ND in enumerate(torch.split(x_RD, counts)):
-            if counts[e] > 0:
-                outs.append(expert_mlp(x_ND, self.w1[e], self.w2[e], None if self.w3 is None else self.w3[e],
-                                       self.activation))
+        counts = counts_E.tolist()  # host sync: the group sizes decide the slices
+        outs = [self.expert(e, x_ND) for e, x_ND in enumerate(torch.split(x_RD, counts)) if counts[e] > 0]
         return torch.cat(outs) if outs else x_RD.new_zeros(x_RD.shape)
+
+    def forward_capacity_loop(self, x_ECD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """Only the filled slots [0, counts_E[e]) of each expert; empty slots give zero rows."""
+        capacity = x_ECD.shape[1]
+        counts = counts_E.tolist()  # host sync: the filled slot counts decide the slices
+        outs = [F.pad(self.expert(e, x_ECD[e, :n]), (0, 0, 0, capacity - n)) if n > 0 else torch.zeros_like(x_ECD[e])
+                for e, n in enumerate(counts)]
+        return torch.stack(outs)
 
 
 def loop_reference(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
@@ -102,6 +113,6 @@ def loop_reference(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.T
         if token_N.numel() == 0:
             continue
         w3 = None if experts.w3 is None else experts.w3[e]
-        y_ND = expert_mlp(x_TD[token_N], experts.w1[e], experts.w2[e], w3, experts.activation)
+        y_ND = expert_mlp(x_TD[token_N], experts.w1[e], experts.w2[e], w3, experts.activation)  # not self.expert: independent
         out_TD = out_TD.index_add(0, token_N, y_ND * weights_TK[token_N, choice_N, None].to(y_ND.dtype))
     return out_TD
