@@ -7,11 +7,14 @@ Mixtral's w1/w3/w2 per expert.
 
 from __future__ import annotations
 
+import itertools
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from moe_train.models.moe.expert_loop import expert_loop
 
 _ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}
 
@@ -53,8 +56,6 @@ class GroupedExperts(nn.Module):
         """[E, C, D] capacity buffer (slots [0, counts_E[e]) filled) or [R, D] rows grouped by expert -> same shape."""
         if not self.use_loop(x):
             return self.forward_batched(x) if x.dim() == 3 else self.forward_grouped_mm(x, counts_E)
-        if x.dim() == 3:
-            return self.forward_capacity_loop(x, counts_E)
         return self.forward_loop(x, counts_E)
 
     def use_loop(self, x: torch.Tensor) -> bool:
@@ -86,22 +87,16 @@ class GroupedExperts(nn.Module):
             h_RF = _ACTIVATIONS[self.activation](h_RF)
         return torch._grouped_mm(h_RF, self.w2.transpose(1, 2), offs=offs_E)
 
-    def expert(self, e: int, x_ND: torch.Tensor) -> torch.Tensor:
-        return expert_mlp(x_ND, self.w1[e], self.w2[e], None if self.w3 is None else self.w3[e], self.activation)
-
-    def forward_loop(self, x_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """One matmul chain per non-empty expert over its contiguous rows."""
-        counts = counts_E.tolist()  # host sync: the group sizes decide the slices
-        outs = [self.expert(e, x_ND) for e, x_ND in enumerate(torch.split(x_RD, counts)) if counts[e] > 0]
-        return torch.cat(outs) if outs else x_RD.new_zeros(x_RD.shape)
-
-    def forward_capacity_loop(self, x_ECD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """Only the filled slots [0, counts_E[e]) of each expert; empty slots give zero rows."""
-        capacity = x_ECD.shape[1]
-        counts = counts_E.tolist()  # host sync: the filled slot counts decide the slices
-        outs = [F.pad(self.expert(e, x_ECD[e, :n]), (0, 0, 0, capacity - n)) if n > 0 else torch.zeros_like(x_ECD[e])
-                for e, n in enumerate(counts)]
-        return torch.stack(outs)
+    def forward_loop(self, x: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """One matmul per non-empty expert over its filled rows only (capacity slots [0, n_e), or dropless groups)."""
+        counts = counts_E.tolist()  # host sync: the group sizes decide the slices (free on CPU)
+        if x.dim() == 3:
+            groups = [(e * x.shape[1], n) for e, n in enumerate(counts)]
+        else:
+            starts = [0] + list(itertools.accumulate(counts))[:-1]
+            groups = list(zip(starts, counts))
+        x_RD = x.reshape(-1, x.shape[-1])
+        return expert_loop(x_RD, self.w1, self.w2, self.w3, groups, self.activation).view(x.shape)
 
 
 def loop_reference(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
@@ -113,6 +108,6 @@ def loop_reference(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.T
         if token_N.numel() == 0:
             continue
         w3 = None if experts.w3 is None else experts.w3[e]
-        y_ND = expert_mlp(x_TD[token_N], experts.w1[e], experts.w2[e], w3, experts.activation)  # not self.expert: independent
+        y_ND = expert_mlp(x_TD[token_N], experts.w1[e], experts.w2[e], w3, experts.activation)
         out_TD = out_TD.index_add(0, token_N, y_ND * weights_TK[token_N, choice_N, None].to(y_ND.dtype))
     return out_TD
