@@ -178,6 +178,9 @@ CASES: dict[str, Callable[[int, torch.dtype, torch.device], Bench]] = {
     "hf_mixtral_batched_mm": hf_mixtral("batched_mm"),
     "hf_mixtral_eager": hf_mixtral("eager"),
 }
+# batched_mm gathers a copy of the expert weights for every token-expert pair (16 GiB and 37 s per step at 1k tokens
+# in float32, an allocation error from 4k up): measured once at 1k, left out of the default matrix.
+DEFAULT_CASES = [name for name in CASES if name != "hf_mixtral_batched_mm"]
 
 
 # -- measurement (child process) ----------------------------------------------------------------------------------
@@ -352,7 +355,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=_csv(int), default=_csv(int)(DEFAULT_TOKENS))
     p.add_argument("--dtypes", type=_csv(str, ("float32", "bfloat16")), default=_csv(str)(DEFAULT_DTYPES))
-    p.add_argument("--cases", type=_csv(str, tuple(CASES)), default=list(CASES))
+    p.add_argument("--cases", type=_csv(str, tuple(CASES)), default=DEFAULT_CASES)
     p.add_argument("--repeats", type=int, default=5, help="timed steps per case (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
