@@ -82,7 +82,7 @@ class DenseFFN(nn.Module):
         self.w3 = nn.Parameter(torch.empty(d_hidden, d_model))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from moe_train.models.moe.experts import expert_mlp
+        from moe_train.models.moe.activations import expert_mlp
         return expert_mlp(x, self.w1, self.w2, self.w3, "swiglu")
 
 

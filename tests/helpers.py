@@ -32,3 +32,15 @@ def routing_of(layer, x_TD: torch.Tensor):
     """The router output and dispatch plan the layer computes for x_TD (same RNG draws as a forward)."""
     route = layer.router(x_TD)
     return route, layer.plan(route)
+
+
+def capture_route(layer) -> dict:
+    """Keep the router output of the next forward in the returned dict, its logits retaining their gradient."""
+    captured = {}
+
+    def keep(module, inputs, route):
+        route.logits_TE.retain_grad()
+        captured["route"] = route
+
+    layer.router.register_forward_hook(keep)
+    return captured

@@ -7,10 +7,11 @@ import pathlib
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from helpers import make_layer
-from moe_train.config import MoEConfig, validate_moe_config
+from moe_train.config import MoEConfig, register_configs, validate_moe_config
 from moe_train.models.moe import MoELayer
 
 CONF_DIR = pathlib.Path(__file__).resolve().parents[1] / "conf" / "moe"
@@ -53,10 +54,16 @@ def test_bad_model_width_at_construction_and_input_width_at_call():
         layer(torch.randn(3, 12))
 
 
+def compose_moe(preset: str, conf_dir: pathlib.Path = CONF_DIR.parent, overrides=()):
+    register_configs()
+    with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
+        return compose(overrides=[f"+moe={preset}", *overrides])
+
+
 @pytest.mark.parametrize("path", sorted(CONF_DIR.glob("*.yaml")), ids=lambda p: p.stem)
 def test_presets_compose_and_validate(path):
-    merged = OmegaConf.merge(OmegaConf.structured(MoEConfig), OmegaConf.load(path))  # unknown keys/types fail here
-    cfg = OmegaConf.to_object(merged)
+    cfg = OmegaConf.to_object(compose_moe(path.stem).moe)  # Hydra validates against the MoEConfig schema
+    assert isinstance(cfg, MoEConfig)
     validate_moe_config(cfg, d_model=32)
     layer = MoELayer(32, cfg)
     out, aux = layer(torch.randn(2, 5, 32))
@@ -67,8 +74,10 @@ def test_presets_exist():
     assert {p.stem for p in CONF_DIR.glob("*.yaml")} >= {"mixtral", "switch", "gshard", "noisy_topk"}
 
 
-def test_unknown_key_in_preset_is_rejected(tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("num_expert: 8\n")
+def test_unknown_key_or_wrong_type_in_preset_is_rejected(tmp_path):
+    (tmp_path / "moe").mkdir()
+    (tmp_path / "moe" / "typo.yaml").write_text("defaults: [base_moe, _self_]\nnum_expert: 8\n")
     with pytest.raises(Exception, match="num_expert"):
-        OmegaConf.merge(OmegaConf.structured(MoEConfig), OmegaConf.load(bad))
+        compose_moe("typo", tmp_path)
+    with pytest.raises(Exception, match="top_k"):
+        compose_moe("mixtral", overrides=["moe.top_k=two"])

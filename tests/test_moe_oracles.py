@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import forward_backward, make_layer, routing_of
+from helpers import capture_route, forward_backward, make_layer, routing_of
 from moe_train.models.moe import loop_reference
 from moe_train.models.moe import losses
-from moe_train.models.moe.experts import expert_mlp
+from moe_train.models.moe.activations import expert_mlp
 
 MODES = {"capacity": dict(capacity_factor=1.25), "dropless": dict(capacity_factor=-1.0, eval_capacity_factor=-1.0)}
 
@@ -41,7 +41,7 @@ def _reference_forward_backward(layer, x_TD, upstream_TD):
     route, plan = routing_of(layer, x_TD)
     weights_TK = plan.weights_A.view(plan.top_k, -1).t()
     out = loop_reference(x_TD, route.ids_TK, weights_TK, layer.experts)
-    aux = layer.aux_loss(route, plan)
+    aux = layer.router_losses(route)[0]
     ((out * upstream_TD).sum() + aux).backward()
     return out.detach(), x_TD.grad, {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
 
@@ -108,13 +108,7 @@ def test_gradcheck_float64(impl, activation, cf):
 def test_aux_loss_gradient_on_router_logits(counting):
     coef = 0.37
     layer = make_layer(aux_loss_coef=coef, z_loss_coef=0.0, aux_loss_counting=counting)
-    captured = {}
-
-    def keep_logits(module, inputs, route):
-        route.logits_TE.retain_grad()
-        captured["route"] = route
-
-    layer.router.register_forward_hook(keep_logits)
+    captured = capture_route(layer)
     out, aux = layer(torch.randn(21, 16))
     aux.backward()  # the balancing gradient alone
     route = captured["route"]
@@ -127,18 +121,12 @@ def test_aux_loss_gradient_on_router_logits(counting):
 
 def test_z_loss_gradient_on_router_logits():
     layer = make_layer(aux_loss_coef=0.0, z_loss_coef=0.01)
-    captured = {}
-
-    def keep_logits(module, inputs, route):
-        route.logits_TE.retain_grad()
-        captured["r"] = route
-
-    layer.router.register_forward_hook(keep_logits)
+    captured = capture_route(layer)
     _, aux = layer(torch.randn(13, 16))
     aux.backward()
-    logits = captured["r"].logits_TE.detach().requires_grad_(True)
+    logits = captured["route"].logits_TE.detach().requires_grad_(True)
     expected = torch.autograd.grad(0.01 * torch.logsumexp(logits, -1).pow(2).mean(), logits)[0]
-    torch.testing.assert_close(captured["r"].logits_TE.grad, expected)
+    torch.testing.assert_close(captured["route"].logits_TE.grad, expected)
 
 
 # -- edge cases ----------------------------------------------------------------------------------------------------
@@ -235,3 +223,14 @@ def test_loss_helpers_match_written_formulas():
     f_all = losses.expert_fractions(ids, 4, "all")
     assert abs(f_first.sum().item() - 1) < 1e-6 and abs(f_all.sum().item() - 2) < 1e-6
     torch.testing.assert_close(losses.load_balancing_loss(probs, f_first), 4 * (f_first * probs.mean(0)).sum())
+
+
+def test_plan_is_index_based_not_one_hot():
+    # A [T, E, C] one-hot here would hold 50_000 * 128 * 1563 = 1e10 entries (40 GB in float32); the plan is O(T * K).
+    from moe_train.models.moe.routing import capacity_plan, expert_capacity
+
+    num_tokens, num_experts, top_k = 50_000, 128, 2
+    probs_TK, ids_TK = torch.topk(torch.softmax(torch.randn(num_tokens, num_experts), -1), top_k)
+    capacity = expert_capacity(num_tokens, num_experts, top_k, 2.0, 4)
+    plan = capacity_plan(ids_TK, probs_TK, None, num_experts, capacity, "position", True)
+    assert capacity == 1563 and plan.src_R.numel() == num_experts * capacity and plan.dest_A.numel() == 100_000

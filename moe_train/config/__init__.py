@@ -1,5 +1,6 @@
-"""Structured configuration (dataclass schemas) and boundary validation."""
+"""Structured configuration (dataclass schemas registered in Hydra's ConfigStore) and boundary validation."""
 
 from moe_train.config.moe import MoEConfig, validate_moe_config
+from moe_train.config.store import register_configs
 
-__all__ = ["MoEConfig", "validate_moe_config"]
+__all__ = ["MoEConfig", "register_configs", "validate_moe_config"]

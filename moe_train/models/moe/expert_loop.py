@@ -19,30 +19,14 @@ from typing import Optional
 
 import torch
 
-Groups = list[tuple[int, int]]  # (start row, row count) per expert
+from moe_train.models.moe.activations import ACTIVATION_BACKWARD, ACTIVATION_FNS, activate
 
-_ACT = {"gelu": torch.nn.functional.gelu, "relu": torch.relu, "swiglu": torch.nn.functional.silu}
-_ACT_BACKWARD = {
-    "gelu": lambda grad, h: torch.ops.aten.gelu_backward(grad, h),
-    "relu": lambda grad, h: torch.ops.aten.threshold_backward(grad, h, 0),
-    "swiglu": lambda grad, h: torch.ops.aten.silu_backward(grad, h),
-}
+Groups = list[tuple[int, int]]  # (start row, row count) per expert
 
 
 def _alloc(shape, like: torch.Tensor, filled: bool) -> torch.Tensor:
     """Uninitialised when every row will be written, zeros otherwise."""
     return torch.empty(shape, dtype=like.dtype, device=like.device) if filled else like.new_zeros(shape)
-
-
-def _hidden(x_nD, w1_FD, w3_FD, activation):
-    h1_nF = x_nD @ w1_FD.t()
-    h3_nF = x_nD @ w3_FD.t() if w3_FD is not None else None
-    return h1_nF, h3_nF
-
-
-def _activate(h1_nF, h3_nF, activation):
-    a_nF = _ACT[activation](h1_nF)
-    return a_nF * h3_nF if h3_nF is not None else a_nF
 
 
 class _ExpertLoop(torch.autograd.Function):
@@ -55,8 +39,10 @@ class _ExpertLoop(torch.autograd.Function):
             if n == 0:
                 hidden.append(None)
                 continue
-            h1_nF, h3_nF = _hidden(x_RD[start:start + n], w1_EFD[e], None if w3_EFD is None else w3_EFD[e], activation)
-            torch.mm(_activate(h1_nF, h3_nF, activation), w2_EDF[e].t(), out=y_RD[start:start + n])
+            x_nD = x_RD[start:start + n]
+            h1_nF = x_nD @ w1_EFD[e].t()
+            h3_nF = x_nD @ w3_EFD[e].t() if w3_EFD is not None else None
+            torch.mm(activate(h1_nF, h3_nF, activation), w2_EDF[e].t(), out=y_RD[start:start + n])
             hidden.append((h1_nF, h3_nF))
         ctx.save_for_backward(x_RD, w1_EFD, w2_EDF, w3_EFD)
         ctx.hidden, ctx.groups, ctx.activation, ctx.filled = hidden, groups, activation, filled
@@ -80,11 +66,11 @@ def _expert_backward(e, gy_nD, x_nD, weights, hidden, activation, gx_nD, grads_w
     """Backward of y = act(x w1^T) [* (x w3^T)] w2^T for one expert, writing into gx_nD and grads_w[*][e]."""
     w1, w2, w3 = weights
     h1_nF, h3_nF = hidden
-    act_nF = _ACT[activation](h1_nF)
+    act_nF = ACTIVATION_FNS[activation](h1_nF)
     a_nF = act_nF * h3_nF if h3_nF is not None else act_nF
     torch.mm(gy_nD.t(), a_nF, out=grads_w[1][e])
     ga_nF = gy_nD @ w2[e]
-    gh1_nF = _ACT_BACKWARD[activation](ga_nF * h3_nF if h3_nF is not None else ga_nF, h1_nF)
+    gh1_nF = ACTIVATION_BACKWARD[activation](ga_nF * h3_nF if h3_nF is not None else ga_nF, h1_nF)
     torch.mm(gh1_nF, w1[e], out=gx_nD)
     torch.mm(gh1_nF.t(), x_nD, out=grads_w[0][e])
     if h3_nF is not None:

@@ -11,19 +11,10 @@ import itertools
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from moe_train.models.moe.activations import expert_mlp, mlp
 from moe_train.models.moe.expert_loop import expert_loop
-
-_ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}
-
-
-def expert_mlp(x_ND: torch.Tensor, w1_FD, w2_DF, w3_FD: Optional[torch.Tensor], activation: str) -> torch.Tensor:
-    """One expert (or a dense FFN): SwiGLU w2(silu(w1 x) * w3 x) or w2(act(w1 x))."""
-    h_NF = x_ND @ w1_FD.t()
-    h_NF = F.silu(h_NF) * (x_ND @ w3_FD.t()) if activation == "swiglu" else _ACTIVATIONS[activation](h_NF)
-    return h_NF @ w2_DF.t()
 
 
 def grouped_mm_supported(x: torch.Tensor, w_EFD: torch.Tensor) -> bool:
@@ -67,12 +58,7 @@ class GroupedExperts(nn.Module):
 
     def forward_batched(self, x_ECD: torch.Tensor) -> torch.Tensor:
         """Batched matmul over the whole capacity buffer, empty slots included (static shapes, no host sync)."""
-        h_ECF = torch.bmm(x_ECD, self.w1.transpose(1, 2))
-        if self.activation == "swiglu":
-            h_ECF = F.silu(h_ECF) * torch.bmm(x_ECD, self.w3.transpose(1, 2))
-        else:
-            h_ECF = _ACTIVATIONS[self.activation](h_ECF)
-        return torch.bmm(h_ECF, self.w2.transpose(1, 2))
+        return mlp(lambda x, w: torch.bmm(x, w.transpose(1, 2)), x_ECD, self.w1, self.w2, self.w3, self.activation)
 
     def forward_grouped_mm(self, x_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """torch grouped GEMM over rows grouped by expert; group ends stay on the device (no host sync)."""
@@ -80,12 +66,11 @@ class GroupedExperts(nn.Module):
             raise ValueError(f"moe.expert_impl='grouped' needs float32/bfloat16 and widths whose byte size is a "
                              f"multiple of 16; got dtype={x_RD.dtype}, w1 shape={tuple(self.w1.shape)}")
         offs_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
-        h_RF = torch._grouped_mm(x_RD, self.w1.transpose(1, 2), offs=offs_E)
-        if self.activation == "swiglu":
-            h_RF = F.silu(h_RF) * torch._grouped_mm(x_RD, self.w3.transpose(1, 2), offs=offs_E)
-        else:
-            h_RF = _ACTIVATIONS[self.activation](h_RF)
-        return torch._grouped_mm(h_RF, self.w2.transpose(1, 2), offs=offs_E)
+
+        def grouped(x, w):
+            return torch._grouped_mm(x, w.transpose(1, 2), offs=offs_E)
+
+        return mlp(grouped, x_RD, self.w1, self.w2, self.w3, self.activation)
 
     def forward_loop(self, x: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """One matmul per non-empty expert over its filled rows only (capacity slots [0, n_e), or dropless groups)."""

@@ -18,7 +18,8 @@ from torch import nn
 from moe_train.config.moe import MoEConfig, validate_moe_config
 from moe_train.models.moe import losses
 from moe_train.models.moe.dispatch import LocalDispatcher
-from moe_train.models.moe.experts import GroupedExperts, expert_mlp
+from moe_train.models.moe.activations import expert_mlp
+from moe_train.models.moe.experts import GroupedExperts
 from moe_train.models.moe.router import RouterOutput, build_router
 from moe_train.models.moe.routing import DispatchPlan, capacity_plan, dropless_plan, expert_capacity
 
@@ -102,16 +103,17 @@ class MoELayer(nn.Module):
         out_TD = self.dispatcher.combine(expert_out, plan)
         if self.shared_experts is not None:
             out_TD = out_TD + self.shared_experts(x_TD)
-        aux_loss = self.aux_loss(route, plan)
+        aux_loss, lb_loss, z_loss = self.router_losses(route)
+        self.last_stats = self.collect_stats(route, plan, lb_loss, z_loss)
         return out_TD.view(x.shape), aux_loss
 
-    def aux_loss(self, route: RouterOutput, plan: DispatchPlan) -> torch.Tensor:
+    def router_losses(self, route: RouterOutput) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(aux_loss_coef * L_aux + z_loss_coef * L_z, L_aux, L_z); see losses.py for the formulas."""
         cfg = self.cfg
         fractions_E = losses.expert_fractions(route.ids_TK, cfg.num_experts, cfg.aux_loss_counting, route.active_TK)
         lb_loss = losses.load_balancing_loss(route.probs_TE, fractions_E)
         z_loss = losses.router_z_loss(route.logits_TE)
-        self.last_stats = self.collect_stats(route, plan, lb_loss, z_loss)
-        return cfg.aux_loss_coef * lb_loss + cfg.z_loss_coef * z_loss
+        return cfg.aux_loss_coef * lb_loss + cfg.z_loss_coef * z_loss, lb_loss, z_loss
 
     @staticmethod
     @torch.no_grad()
