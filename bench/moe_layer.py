@@ -9,12 +9,13 @@ None); a full transformers model defaults to grouped_mm.
 
 Method: every (tokens, dtype, case) runs in a fresh subprocess (this script re-invoked with `--case JSON`, printing
 one JSON line). A step is forward, `(out.float().sum() + aux).backward()` with the input requiring grad, then every
-`.grad` set to None. Time: median of `--repeats` steps after `--warmup` steps (time.perf_counter, synchronised on
-CUDA). Peak memory, on one more identical step: CUDA `max_memory_allocated` minus the allocated bytes before it;
-CPU the peak RSS (VmHWM, reset through /proc/self/clear_refs after malloc_trim) minus the RSS before it. On CPU the
+`.grad` set to None. Time of one run: median of `--repeats` steps after `--warmup` steps (time.perf_counter,
+synchronised on CUDA). Each (tokens, dtype) group is run `--rounds` times, dense first in each round; the time ratio
+is the median over rounds of case / dense of the same round, so drift of a shared machine cancels within a pair.
+Peak memory, on one more identical step: CUDA `max_memory_allocated` minus the allocated bytes before it; CPU the
+peak RSS (VmHWM, reset through /proc/self/clear_refs after malloc_trim) minus the RSS before it. On CPU the
 child's address space is capped a little below MemAvailable, so an oversized case fails with an allocation error
-(shown as `error: ...` in its row) instead of waking the OOM killer. Ratios are against the `dense` case of the same
-token count and dtype in the same run. torch's default thread count is left alone.
+(shown as `error: ...` in its row) instead of waking the OOM killer. Memory: median over rounds. torch's default thread count is left alone.
 
 Run: `make bench` (= `python bench/moe_layer.py`), or e.g.
     python bench/moe_layer.py --tokens 1024 --dtypes bfloat16 --cases ours_cap_top2,deepspeed_top2 --repeats 5
@@ -313,7 +314,7 @@ def format_row(res: dict, dense: dict) -> list[str]:
         return head + [f"error: {res['error']}"] + [""] * (len(COLUMNS) - 4)
     ms, mib = res["median_ms"], res["peak_bytes"] / 2**20
     dense_mib = dense["peak_bytes"] / 2**20 if "peak_bytes" in dense else None
-    return head + [f"{ms:.2f}", f"{ms * 1024 / res['tokens']:.3f}", _ratio(ms, dense.get("median_ms")),
+    return head + [f"{ms:.2f}", f"{ms * 1024 / res['tokens']:.3f}", _ratio(res.get("time_ratio"), 1.0),
                    f"{mib:.1f}", _ratio(mib, dense_mib)]
 
 
@@ -323,20 +324,41 @@ def markdown_table(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def paired_summary(results: list[dict], dense_results: list[dict]) -> dict:
+    """Merge one case's rounds: median time over rounds, and the ratio to dense as the median of per-round ratios
+    (case and dense of a round ran back to back, so slow drift of this shared machine cancels in each pair)."""
+    ok = [(r, d) for r, d in zip(results, dense_results) if "error" not in r and "error" not in d]
+    if not ok:
+        return next((r for r in results if "error" in r), results[0])
+    merged = dict(ok[0][0])
+    merged["median_ms"] = statistics.median(r["median_ms"] for r, _ in ok)
+    merged["peak_bytes"] = statistics.median(r["peak_bytes"] for r, _ in ok)
+    merged["time_ratio"] = statistics.median(r["median_ms"] / d["median_ms"] for r, d in ok)
+    return merged
+
+
+def run_group(args: argparse.Namespace, tokens: int, dtype: str, cases: list[str]) -> dict[str, list[dict]]:
+    """`args.rounds` rounds; each runs dense, then every other case, each in a fresh subprocess."""
+    results: dict[str, list[dict]] = {case: [] for case in cases}
+    for _ in range(args.rounds):
+        for case in cases:
+            spec = {"case": case, "tokens": tokens, "dtype": dtype, "device": args.device,
+                    "repeats": args.repeats, "warmup": args.warmup}
+            results[case].append(run_in_subprocess(spec, args.timeout))
+            res = results[case][-1]
+            print(f"{tokens} {dtype} {case}: {res.get('median_ms', res.get('error'))}", file=sys.stderr, flush=True)
+    return results
+
+
 def run_matrix(args: argparse.Namespace) -> list[list[str]]:
-    """Every (tokens, dtype) group runs `dense` first, the reference of its ratios; progress goes to stderr."""
+    """Every (tokens, dtype) group runs `dense` first in each round, the reference of its ratios."""
     cases = ["dense"] + [c for c in args.cases if c != "dense"]
     rows = []
     for tokens in args.tokens:
         for dtype in args.dtypes:
-            dense = None
-            for case in cases:
-                spec = {"case": case, "tokens": tokens, "dtype": dtype, "device": args.device,
-                        "repeats": args.repeats, "warmup": args.warmup}
-                res = run_in_subprocess(spec, args.timeout)
-                dense = res if dense is None else dense
-                rows.append(format_row(res, dense))
-                print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
+            results = run_group(args, tokens, dtype, cases)
+            dense = paired_summary(results["dense"], results["dense"])
+            rows += [format_row(paired_summary(results[c], results["dense"]), dense) for c in cases]
     return rows
 
 
@@ -358,6 +380,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--cases", type=_csv(str, tuple(CASES)), default=DEFAULT_CASES)
     p.add_argument("--repeats", type=int, default=5, help="timed steps per case (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
+    p.add_argument("--rounds", type=int, default=3, help="fresh-subprocess runs of every case (paired with dense)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per case before it counts as an error")
     p.add_argument("--out", help="also write the markdown table to this file")
@@ -369,7 +392,8 @@ def header(args: argparse.Namespace) -> str:
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {os.cpu_count()} cores"
     return (f"$ {shlex.join([sys.executable, *sys.argv])}\n\n"
             f"device: {device}; torch {torch.__version__}, {torch.get_num_threads()} threads; D={D_MODEL} "
-            f"F={D_FF} E={NUM_EXPERTS}; median of {args.repeats} after {args.warmup} warm-up; ratios vs dense\n")
+            f"F={D_FF} E={NUM_EXPERTS}; per run the median of {args.repeats} steps after {args.warmup} warm-up; "
+            f"{args.rounds} rounds; time ratio = median over rounds of (case / dense of the same round)\n")
 
 
 def main() -> None:
