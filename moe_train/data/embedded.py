@@ -1,0 +1,148 @@
+"""A generated corpus with distinct sub-domains, so expert specialisation can be observed without a download.
+
+`embedded_documents(size)` returns (domain, text) pairs whose texts total exactly `size` bytes (ASCII). The output
+depends only on `size` (its own `random.Random(CORPUS_SEED)`, never the global RNG), and the corpus of a smaller size
+is a prefix of a larger one. Every domain has structure a small byte-level LM can learn, so its loss falls well below
+the unigram entropy (~4.5 bits/byte):
+    story     English-like narrative from a small grammar: pronouns agree with the protagonist, a/an with the noun
+    code      Python-like functions, loops and classes (indentation, `def`/`return`, consistent names)
+    math      arithmetic equations with correct answers: `37+45=82`, `12*7=84`, `90-15=75`
+    csv       a header then rows; in sales tables total = qty * unit price
+    json      JSON-lines records with a fixed key order and typed values
+    dialogue  Q/A about a fixed fact table (capital cities) and User/Assistant requests
+Generating 1 MB takes well under a second.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Callable
+
+from moe_train.data import lexicon as lx
+
+CORPUS_SEED = 20240601
+
+
+def _a(word: str) -> str:
+    return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
+
+
+def _sentence(rng: random.Random, name: str) -> str:
+    pronoun = lx.PRONOUN[name]
+    forms = (
+        f"{pronoun} {rng.choice(lx.MOTION_VERBS)} to the {rng.choice(lx.PLACES)} {rng.choice(lx.TIMES)}.",
+        f"{pronoun} saw {_a(rng.choice(lx.ADJECTIVES))} {rng.choice(lx.ANIMALS)} near the {rng.choice(lx.PLACES)}.",
+        f"{pronoun} found {_a(rng.choice(lx.COLORS))} {rng.choice(lx.OBJECTS)} and {rng.choice(lx.FEELINGS)}.",
+        f"the {rng.choice(lx.ADJECTIVES)} {rng.choice(lx.ANIMALS)} followed {name} to the {rng.choice(lx.PLACES)}.",
+        f"when the sun went down, {pronoun} {rng.choice(lx.FEELINGS)}.",
+    )
+    sentence = rng.choice(forms)
+    return sentence[0].upper() + sentence[1:]
+
+
+def _story(rng: random.Random) -> str:
+    name = rng.choice(lx.NAMES)
+    opening = f"Once upon a time, {name.capitalize()} lived near the {rng.choice(lx.PLACES)}."
+    body = [_sentence(rng, name) for _ in range(rng.randint(3, 8))]
+    return " ".join([opening, *body, "The end."]) + "\n"
+
+
+def _code_arith(rng: random.Random) -> str:
+    noun, verb, op = rng.choice(lx.CODE_NOUNS), rng.choice(lx.CODE_VERBS), rng.choice(lx.CODE_OPS)
+    return (f"def {verb}_{noun}(a, b):\n    {noun} = a {op} b\n    return {noun}\n\n\n"
+            f"print({verb}_{noun}({rng.randint(1, 9)}, {rng.randint(1, 9)}))\n")
+
+
+def _code_loop(rng: random.Random) -> str:
+    noun, limit = rng.choice(lx.CODE_NOUNS), rng.randint(1, 99)
+    return (f"def count_{noun}s({noun}s):\n    total = 0\n    for {noun} in {noun}s:\n"
+            f"        if {noun} > {limit}:\n            total += 1\n    return total\n")
+
+
+def _code_class(rng: random.Random) -> str:
+    noun, field = rng.choice(lx.CODE_NOUNS), rng.choice(lx.CODE_NOUNS)
+    return (f"class {noun.capitalize()}:\n    def __init__(self, {field}):\n        self.{field} = {field}\n\n"
+            f"    def get_{field}(self):\n        return self.{field}\n")
+
+
+def _code(rng: random.Random) -> str:
+    return rng.choice((_code_arith, _code_loop, _code_class))(rng)
+
+
+def _equation(rng: random.Random) -> str:
+    op = rng.choice("+-*")
+    if op == "*":
+        a, b = rng.randint(2, 19), rng.randint(2, 19)
+        return f"{a}*{b}={a * b}"
+    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    if op == "-":
+        a, b = max(a, b), min(a, b)
+        return f"{a}-{b}={a - b}"
+    return f"{a}+{b}={a + b}"
+
+
+def _math(rng: random.Random) -> str:
+    return "\n".join(_equation(rng) for _ in range(rng.randint(6, 16))) + "\n"
+
+
+def _csv_people(rng: random.Random) -> list[str]:
+    rows = ["id,name,city,age"]
+    for i in range(1, rng.randint(4, 10)):
+        rows.append(f"{i},{rng.choice(lx.NAMES)},{rng.choice(lx.CITIES)},{rng.randint(18, 90)}")
+    return rows
+
+
+def _csv_sales(rng: random.Random) -> list[str]:
+    rows = ["day,product,qty,price,total"]
+    for day in range(1, rng.randint(4, 10)):
+        product, price = rng.choice(lx.PRODUCTS)
+        qty = rng.randint(1, 9)
+        rows.append(f"{day},{product},{qty},{price},{qty * price}")
+    return rows
+
+
+def _csv(rng: random.Random) -> str:
+    return "\n".join(rng.choice((_csv_people, _csv_sales))(rng)) + "\n"
+
+
+def _json_record(rng: random.Random, i: int) -> str:
+    tags = ", ".join(f'"{c}"' for c in rng.sample(lx.COLORS, rng.randint(1, 3)))
+    active = "true" if rng.random() < 0.5 else "false"
+    return (f'{{"id": {i}, "user": "{rng.choice(lx.NAMES)}", "city": "{rng.choice(lx.CITIES)}", '
+            f'"active": {active}, "tags": [{tags}]}}')
+
+
+def _json(rng: random.Random) -> str:
+    start = rng.randint(1, 900)
+    return "\n".join(_json_record(rng, start + i) for i in range(rng.randint(3, 8))) + "\n"
+
+
+def _exchange(rng: random.Random) -> str:
+    if rng.random() < 0.5:
+        country, capital = rng.choice(lx.COUNTRY_CAPITAL)
+        return f"Q: What is the capital of {country}?\nA: The capital of {country} is {capital}."
+    item, room = rng.choice(lx.ITEMS), rng.choice(lx.ROOMS)
+    return f"User: Where is my {item}?\nAssistant: Your {item} is in the {room}. Check the {room} first."
+
+
+def _dialogue(rng: random.Random) -> str:
+    return "\n".join(_exchange(rng) for _ in range(rng.randint(2, 6))) + "\n"
+
+
+GENERATORS: dict[str, Callable[[random.Random], str]] = {
+    "story": _story, "code": _code, "math": _math, "csv": _csv, "json": _json, "dialogue": _dialogue}
+DOMAINS = tuple(GENERATORS)
+"""Domain names; a domain's index here is its label in `moe_train.data.packing.domain_labels`."""
+
+
+def embedded_documents(size: int) -> list[tuple[str, str]]:
+    """(domain, text) pairs, domains drawn uniformly, texts totalling exactly `size` bytes (the last one is cut)."""
+    if size < 1:
+        raise ValueError(f"data.embedded_size={size} must be >= 1 byte")
+    rng, docs, total = random.Random(CORPUS_SEED), [], 0
+    while total < size:
+        domain = rng.choice(DOMAINS)
+        text = GENERATORS[domain](rng)[: size - total]
+        docs.append((domain, text))
+        total += len(text)
+    return docs
