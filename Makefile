@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # CPU machines get the local CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
 TORCH_CPU := torch==2.13.0
 
-.PHONY: setup test test-all bench clean
+.PHONY: setup train test test-all bench clean
 
 setup: $(STAMP)
 
@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml
 	fi
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
+
+# The tiny MoE on the embedded corpus; extra Hydra overrides via ARGS, e.g. make train ARGS="moe.top_k=1".
+train: setup
+	$(VENV)/bin/moe-train $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q -m "not slow"

@@ -80,5 +80,13 @@ def _expert_backward(e, gy_nD, x_nD, weights, hidden, activation, gx_nD, grads_w
 
 
 def expert_loop(x_RD, w1_EFD, w2_EDF, w3_EFD, groups: Groups, activation: str) -> torch.Tensor:
-    """Rows of group e through expert e (SwiGLU when w3 is given, else act(x w1^T) w2^T); other rows are 0."""
-    return _ExpertLoop.apply(x_RD.contiguous(), w1_EFD, w2_EDF, w3_EFD, groups, activation)
+    """Rows of group e through expert e (SwiGLU when w3 is given, else act(x w1^T) w2^T); other rows are 0.
+
+    Under autocast the inputs are cast to the autocast dtype here, because the Function's `out=` matmuls bypass it."""
+    device_type = x_RD.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return _ExpertLoop.apply(x_RD.contiguous(), w1_EFD, w2_EDF, w3_EFD, groups, activation)
+    dtype = torch.get_autocast_dtype(device_type)
+    w1, w2, w3 = (None if w is None else w.to(dtype) for w in (w1_EFD, w2_EDF, w3_EFD))
+    with torch.autocast(device_type, enabled=False):
+        return _ExpertLoop.apply(x_RD.to(dtype).contiguous(), w1, w2, w3, groups, activation)

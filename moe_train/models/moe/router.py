@@ -58,6 +58,10 @@ class TopKRouter(nn.Module):
         return F.linear(x32_TD, self.weight.to(x32_TD.dtype))
 
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+        with torch.autocast(x_TD.device.type, enabled=False):  # router math stays >= float32 under autocast
+            return self.route(x_TD)
+
+    def route(self, x_TD: torch.Tensor) -> RouterOutput:
         logits_TE = self.compute_logits(x_TD)
         probs_TE = torch.softmax(logits_TE, dim=-1)
         probs_TK, ids_TK = torch.topk(probs_TE, self.top_k, dim=-1)

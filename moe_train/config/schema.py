@@ -1,0 +1,48 @@
+"""The root config: one dataclass per component, as composed by Hydra from conf/config.yaml.
+
+`validate_config` runs every component's boundary check and the cross-component ones, before any work starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from moe_train.config.checkpoint import CheckpointConfig, validate_checkpoint_config
+from moe_train.config.data import DataConfig, validate_data_config
+from moe_train.config.logging import LoggingConfig, validate_logging_config
+from moe_train.config.model import ModelConfig, validate_model_config
+from moe_train.config.moe import MoEConfig, validate_moe_config
+from moe_train.config.optim import OptimConfig, validate_optim_config
+from moe_train.config.parallel import ParallelConfig, validate_parallel_config
+from moe_train.config.train import TrainConfig, validate_train_config
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logger: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+
+def validate_config(cfg: Config, world_size: int = 1) -> None:
+    """Raise ValueError naming the first offending key, its value and what is allowed."""
+    validate_model_config(cfg.model, cfg.moe)
+    if cfg.model.moe_every > 0:
+        validate_moe_config(cfg.moe, cfg.model.d_model)
+    validate_data_config(cfg.data)
+    validate_optim_config(cfg.optim)
+    validate_train_config(cfg.train)
+    validate_logging_config(cfg.logger)
+    validate_checkpoint_config(cfg.checkpoint)
+    validate_parallel_config(cfg.parallel, world_size)
+    validate_cross(cfg)
+
+
+def validate_cross(cfg: Config) -> None:
+    if cfg.train.seq_len > cfg.model.max_seq_len:
+        raise ValueError(f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")

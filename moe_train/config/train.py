@@ -1,0 +1,62 @@
+"""Training loop settings (config key `train`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MIXED_PRECISION = ("none", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class TrainConfig:
+    """Steps, batch geometry, precision, evaluation and logging cadence."""
+
+    max_steps: int = 300
+    """Optimizer steps to train for."""
+
+    batch_size: int = 16
+    """Global batch, in sequences per optimizer step (over all data-parallel ranks and accumulation steps)."""
+
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step; batch_size must be divisible by grad_accum_steps (x data-parallel size)."""
+
+    seq_len: int = 128
+    """Tokens per training sequence; at most model.max_seq_len."""
+
+    seed: int = 0
+    """Seed of parameter init and of every random choice in training (router noise, sampling). Same seed, same run."""
+
+    mixed_precision: str = "none"
+    """`none` = float32 everywhere; `bf16` = torch.autocast to bfloat16 (weights, optimizer and router stay float32)."""
+
+    device: str = "auto"
+    """`auto` (CUDA if available, else CPU), `cpu` or `cuda`."""
+
+    log_every: int = 10
+    """Write a metrics line (and update the progress bar's numbers) every this many steps (a host sync each time)."""
+
+    eval_every: int = 100
+    """Evaluate on the held-out split every this many steps and at the last step; 0 = never."""
+
+    eval_batches: int = 8
+    """Validation micro-batches per evaluation (fixed, the same every time)."""
+
+    progress: bool = True
+    """Show the rank-0 progress bar (loss and tokens/s)."""
+
+
+def validate_train_config(cfg: TrainConfig) -> None:
+    if cfg.mixed_precision not in MIXED_PRECISION:
+        raise ValueError(f"train.mixed_precision={cfg.mixed_precision!r} is not supported; "
+                         f"allowed: {', '.join(MIXED_PRECISION)}")
+    if cfg.device not in DEVICES:
+        raise ValueError(f"train.device={cfg.device!r} is not supported; allowed: {', '.join(DEVICES)}")
+    for name in ("max_steps", "batch_size", "grad_accum_steps", "seq_len", "log_every", "eval_batches"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"train.{name}={getattr(cfg, name)} must be >= 1")
+    if cfg.eval_every < 0:
+        raise ValueError(f"train.eval_every={cfg.eval_every} must be >= 0 (0 = no evaluation)")
+    if cfg.batch_size % cfg.grad_accum_steps:
+        raise ValueError(f"train.batch_size={cfg.batch_size} must be divisible by "
+                         f"train.grad_accum_steps={cfg.grad_accum_steps}")

@@ -1,0 +1,187 @@
+"""Single-process training loop: LM cross-entropy + MoE aux losses, AdamW, accumulation, clipping, eval, metrics.
+
+Host syncs: one per logged step (loss, grad norm and MoE statistics read together) and per evaluation; the other
+steps run without reading device values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from moe_train.config.schema import Config
+from moe_train.data import DataBundle, build_data
+from moe_train.models.transformer import Transformer, build_model
+from moe_train.training.loggers import Console, MetricsFile, Progress, build_logger
+from moe_train.training.moe_stats import MoEStatsAccumulator
+from moe_train.training.optim import build_optimizer, build_scheduler
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device='cuda' but no CUDA device is available; allowed here: 'auto', 'cpu'")
+    return torch.device(name)
+
+
+def lm_loss(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy in float32, nats per token."""
+    return F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten())
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: Path, rank: int = 0):
+        self.cfg, self.run_dir, self.rank = cfg, run_dir, rank
+        self.console = Console(rank)
+        self.device = resolve_device(cfg.train.device)
+        torch.manual_seed(cfg.train.seed)  # init and every random routing choice follow the seed
+        self.data = self.build_data()
+        self.model = self.build_model()
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.max_steps)
+        self.stats = MoEStatsAccumulator(self.model)
+        self.metrics = MetricsFile(run_dir / "metrics.jsonl" if rank == 0 else None)
+        self.logger = build_logger(cfg.logger, run_dir, dataclasses.asdict(cfg), rank)
+        self.step = 0
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.cfg.train.batch_size // self.cfg.train.grad_accum_steps
+
+    def build_data(self) -> DataBundle:
+        t = self.cfg.train
+        return build_data(self.cfg.data, t.seq_len, self.micro_batch_size, val_batches=t.eval_batches)
+
+    def build_model(self) -> Transformer:
+        vocab = self.cfg.model.vocab_size
+        if vocab < self.data.vocab_size:
+            raise ValueError(f"model.vocab_size={vocab} is smaller than the vocabulary of "
+                             f"data.tokenizer={self.cfg.data.tokenizer!r} ({self.data.vocab_size} tokens)")
+        return build_model(self.cfg.model, self.cfg.moe, self.device)
+
+    def autocast(self):
+        if self.cfg.train.mixed_precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def forward_loss(self, inputs, targets) -> tuple[torch.Tensor, torch.Tensor]:
+        """(LM cross-entropy, scaled MoE aux + z loss) of one micro-batch."""
+        inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+        with self.autocast():
+            logits, aux_loss = self.model(inputs, return_aux=True)
+        return lm_loss(logits, targets), aux_loss
+
+    def train_step(self, collect_stats: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """One optimizer step over grad_accum_steps micro-batches: (mean LM loss, grad norm, lr used)."""
+        accum = self.cfg.train.grad_accum_steps
+        loss_sum = torch.zeros((), device=self.device)
+        for _ in range(accum):
+            loss, aux_loss = self.forward_loss(*self.data.train.next_batch())
+            ((loss + aux_loss) / accum).backward()
+            loss_sum += loss.detach()
+            if collect_stats:
+                self.stats.add()
+        clip = self.cfg.optim.grad_clip
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum / accum, grad_norm, lr
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean LM loss over the fixed validation batches (eval capacity factor applies)."""
+        self.model.eval()
+        losses = [self.forward_loss(inputs, targets)[0] for inputs, targets in self.data.val]
+        self.model.train()
+        return torch.stack(losses).mean().item()  # host sync
+
+    def should_log(self, step: int) -> bool:
+        return step % self.cfg.train.log_every == 0 or step == self.cfg.train.max_steps
+
+    def should_eval(self, step: int) -> bool:
+        every = self.cfg.train.eval_every
+        return every > 0 and (step % every == 0 or step == self.cfg.train.max_steps)
+
+    def train(self) -> dict:
+        """Run to train.max_steps; returns the last logged record (with the last `val_loss` if any)."""
+        t = self.cfg.train
+        self.console.print0(f"run dir: {self.run_dir.resolve()}")
+        self.console.print0(f"model: {self.describe_model()}; data: {self.data.num_train_tokens:,} train / "
+                            f"{self.data.num_val_tokens:,} val tokens")
+        progress = Progress(t.max_steps, enabled=t.progress and self.rank == 0)
+        last: dict = {}
+        window = Window(time.perf_counter())
+        try:
+            while self.step < t.max_steps:
+                last = self.run_one_step(window, progress, last)
+        finally:
+            progress.close()
+            self.metrics.close()
+            self.logger.finish()
+        return last
+
+    def run_one_step(self, window: "Window", progress: Progress, last: dict) -> dict:
+        step = self.step + 1
+        log_now = self.should_log(step)
+        loss, grad_norm, lr = self.train_step(collect_stats=log_now)
+        self.step = step
+        window.tokens += self.cfg.train.batch_size * self.cfg.train.seq_len
+        if log_now:
+            last = self.log_step(step, loss, grad_norm, lr, window)
+            progress.update(0, loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
+        if self.should_eval(step):
+            start = time.perf_counter()
+            last = {**last, "val_loss": self.log_eval(step)}
+            window.exclude(time.perf_counter() - start)
+        progress.update(1)
+        return last
+
+    def log_step(self, step: int, loss, grad_norm, lr: float, window: "Window") -> dict:
+        values = torch.stack([loss, grad_norm.float()]).tolist()  # host sync: once per logged step
+        if not math.isfinite(values[0]):
+            raise FloatingPointError(f"training loss is {values[0]} at step {step}; lower optim.lr={self.cfg.optim.lr} "
+                                     f"or enable optim.grad_clip")
+        record = {"step": step, "loss": values[0], **self.stats.read(), "lr": lr, "grad_norm": values[1],
+                  "tokens_per_s": window.rate(time.perf_counter())}
+        self.stats.reset()
+        self.metrics.write(record)
+        self.logger.log(record, step)
+        return record
+
+    def log_eval(self, step: int) -> float:
+        val_loss = self.evaluate()
+        record = {"step": step, "val_loss": val_loss}
+        self.metrics.write(record)
+        self.logger.log(record, step)
+        return val_loss
+
+    def describe_model(self) -> str:
+        from moe_train.models.params import count_parameters
+
+        counts = count_parameters(self.model)
+        return f"{counts.total / 1e6:.2f}M parameters, {counts.active / 1e6:.2f}M active per token"
+
+
+class Window:
+    """Tokens and training wall time since the last logged step (evaluation time excluded)."""
+
+    def __init__(self, start: float):
+        self.start, self.tokens, self.excluded = start, 0, 0.0
+
+    def exclude(self, seconds: float) -> None:
+        self.excluded += seconds
+
+    def rate(self, now: float) -> float:
+        rate = self.tokens / max(now - self.start - self.excluded, 1e-9)
+        self.start, self.tokens, self.excluded = now, 0, 0.0
+        return rate
