@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
-from hydra.core.config_store import ConfigStore  # noqa: E402
+from moe_train.config.store import register_configs  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from moe_train.config.data import DataConfig, validate_data_config  # noqa: E402
@@ -376,9 +376,10 @@ def test_bad_config_raises_value_error(overrides, message):
 
 
 def _compose_data(preset: str, overrides=()):
-    ConfigStore.instance().store(group="data", name="base_data", node=DataConfig)
+    """The root config (schema `Config`, keys and types checked) with data=<preset>."""
+    register_configs()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        return compose(overrides=[f"+data={preset}", *overrides])
+        return compose(config_name="config", overrides=[f"data={preset}", *overrides])
 
 
 @pytest.mark.parametrize("preset,overrides", [("embedded", []), ("text", ["data.path=/tmp/x.txt"]), ("hf", [])])

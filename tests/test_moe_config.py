@@ -4,6 +4,7 @@ every preset in conf/moe/ composes against the MoEConfig schema."""
 from __future__ import annotations
 
 import pathlib
+import shutil
 
 import pytest
 import torch
@@ -55,9 +56,10 @@ def test_bad_model_width_at_construction_and_input_width_at_call():
 
 
 def compose_moe(preset: str, conf_dir: pathlib.Path = CONF_DIR.parent, overrides=()):
+    """The root config (schema `Config`) with moe=<preset>: every key is checked against the dataclasses."""
     register_configs()
     with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
-        return compose(overrides=[f"+moe={preset}", *overrides])
+        return compose(config_name="config", overrides=[f"moe={preset}", *overrides])
 
 
 @pytest.mark.parametrize("path", sorted(CONF_DIR.glob("*.yaml")), ids=lambda p: p.stem)
@@ -75,9 +77,10 @@ def test_presets_exist():
 
 
 def test_unknown_key_or_wrong_type_in_preset_is_rejected(tmp_path):
-    (tmp_path / "moe").mkdir()
-    (tmp_path / "moe" / "typo.yaml").write_text("defaults: [base_moe, _self_]\nnum_expert: 8\n")
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF_DIR.parent, conf)
+    (conf / "moe" / "typo.yaml").write_text("num_expert: 8\n")
     with pytest.raises(Exception, match="num_expert"):
-        compose_moe("typo", tmp_path)
+        compose_moe("typo", conf)
     with pytest.raises(Exception, match="top_k"):
         compose_moe("mixtral", overrides=["moe.top_k=two"])
