@@ -49,6 +49,8 @@ class MetricsFile:
     """One JSON object per line, flushed per record (a killed run keeps what it logged)."""
 
     def __init__(self, path: Optional[Path]):
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(path, "a") if path is not None else None
 
     def write(self, record: dict) -> None:
