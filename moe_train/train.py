@@ -4,7 +4,8 @@
     moe-train model=tiny moe.top_k=1 train.max_steps=100 hydra.run.dir=runs/top1
     moe-train -m moe.top_k=1,2                  # one job (and directory) per value
 
-Outputs in the run directory (hydra.run.dir): config.yaml (resolved), metrics.jsonl, .hydra/ (Hydra's record).
+Outputs in the run directory (hydra.run.dir): config.yaml (resolved), metrics.jsonl, weights.safetensors + .json
+(final weights and model config), .hydra/ (Hydra's record), train.log.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from moe_train.cli_config import CONF_DIR, exit_on_config_error
 from moe_train.config.schema import Config, validate_config
 from moe_train.config.store import register_configs
+from moe_train.interop.hf import save_weights
 from moe_train.training.trainer import Trainer
 
 
@@ -37,6 +39,7 @@ def hydra_main(dcfg: DictConfig) -> Optional[float]:
         trainer = setup(dcfg, run_dir)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(dcfg, resolve=True))
     last = trainer.train()
+    save_weights(trainer.model, run_dir / "weights.safetensors")  # convertible with `moe-train-convert to-hf`
     trainer.console.print0(f"done: step {trainer.step}, loss {last.get('loss', float('nan')):.4f}"
                            + (f", val_loss {last['val_loss']:.4f}" if "val_loss" in last else "")
                            + f"; outputs in {run_dir.resolve()}")

@@ -111,6 +111,7 @@ def test_cli_run_dir_holds_config_and_metrics(tmp_path):
     run = tmp_path / "run"
     assert (run / "config.yaml").exists() and len((run / "metrics.jsonl").read_text().splitlines()) == 3
     assert "moe_every" in (run / "config.yaml").read_text() and f"outputs in {run}" in proc.stdout
+    assert (run / "weights.safetensors").exists() and (run / "weights.json").exists()
 
 
 def test_cli_multirun_gives_each_job_its_own_directory(tmp_path):
