@@ -3,6 +3,7 @@ probability drop policy, float32 router math."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from helpers import make_layer, routing_of
@@ -96,3 +97,22 @@ def test_eval_capacity_factor_is_used_in_eval_mode():
     assert routing_of(layer, x)[1].capacity == 10
     layer.eval()
     assert routing_of(layer, x)[1].capacity == 20
+
+
+@pytest.mark.parametrize("chunk", [3, 4096])
+def test_bf16_router_linear_matches_float32_autograd_and_saves_bf16_input(chunk, monkeypatch):
+    from moe_train.models.moe.router import _UpcastLinear, router_linear
+
+    monkeypatch.setattr(_UpcastLinear, "CHUNK", chunk)
+    x = torch.randn(10, 16, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(4, 16, requires_grad=True)
+    g = torch.randn(10, 4)
+    out = router_linear(x, w)
+    assert out.grad_fn.saved_tensors[0].dtype == torch.bfloat16  # the float32 copy is not kept for backward
+    (out * g).sum().backward()
+    x_ref, w_ref = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    ref = torch.nn.functional.linear(x_ref.float(), w_ref)
+    (ref * g).sum().backward()
+    assert out.dtype == torch.float32 and torch.equal(out, ref)
+    assert x.grad.dtype == torch.bfloat16 and torch.equal(x.grad, x_ref.grad)
+    assert torch.allclose(w.grad, w_ref.grad, rtol=1e-5, atol=1e-5)

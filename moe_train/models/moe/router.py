@@ -3,8 +3,8 @@ gating (Shazeer et al. 2017) and Switch input jitter.
 
 Shape legend: T tokens, D model width, E experts, K experts per token.
 
-All router math is at least float32 whatever the model dtype (float64 stays float64, for gradcheck). Randomness (jitter, noise, second-expert sampling) draws from
-the global torch RNG, so a run seeded with torch.manual_seed is reproducible; it is active in training mode only.
+All router math is at least float32 whatever the model dtype (float64 stays float64, for gradcheck). Randomness
+(jitter, noise, second-expert sampling) draws from the global torch RNG, so a run seeded with torch.manual_seed is reproducible; it is active in training mode only.
 """
 
 from __future__ import annotations
@@ -22,6 +22,39 @@ from moe_train.config.moe import MoEConfig
 def router_dtype(x: torch.Tensor) -> torch.dtype:
     """float32 for 16-bit models (routing decisions are sensitive to rounding), float64 for float64 ones."""
     return torch.promote_types(x.dtype, torch.float32)
+
+
+class _UpcastLinear(torch.autograd.Function):
+    """x W^T in W's dtype (>= float32) for a 16-bit x, saving x in its own dtype for backward. Plain autograd over
+    `F.linear(x.float(), W)` keeps the float32 copy of x alive until backward (64 MiB at 32k tokens x 512); here it
+    is transient, and the weight gradient upcasts x in chunks of CHUNK rows."""
+
+    CHUNK = 4096
+
+    @staticmethod
+    def forward(ctx, x_TD: torch.Tensor, w_ED: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x_TD, w_ED)
+        return F.linear(x_TD.to(w_ED.dtype), w_ED)
+
+    @staticmethod
+    def backward(ctx, grad_TE: torch.Tensor):
+        x_TD, w_ED = ctx.saved_tensors
+        grad_x = (grad_TE @ w_ED).to(x_TD.dtype) if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.zeros_like(w_ED)
+            for start in range(0, x_TD.shape[0], _UpcastLinear.CHUNK):
+                rows = slice(start, start + _UpcastLinear.CHUNK)
+                grad_w.addmm_(grad_TE[rows].t(), x_TD[rows].to(w_ED.dtype))
+        return grad_x, grad_w
+
+
+def router_linear(x_TD: torch.Tensor, w_ED: torch.Tensor) -> torch.Tensor:
+    """Router logits x W^T in router_dtype(x) (the router weight is kept in float32 or float64)."""
+    w_ED = w_ED.to(router_dtype(x_TD))
+    if x_TD.dtype == w_ED.dtype:
+        return F.linear(x_TD, w_ED)
+    return _UpcastLinear.apply(x_TD, w_ED)
 
 
 @dataclass
@@ -50,12 +83,11 @@ class TopKRouter(nn.Module):
         nn.init.normal_(self.weight, std=std)
 
     def compute_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        x32_TD = x_TD.to(router_dtype(x_TD))
         if self.training and self.jitter_eps > 0:
             # Switch Transformer jitter: multiplicative noise on the router input only.
-            noise = torch.empty_like(x32_TD).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
-            x32_TD = x32_TD * noise
-        return F.linear(x32_TD, self.weight.to(x32_TD.dtype))
+            x32_TD = x_TD.to(router_dtype(x_TD))
+            x_TD = x32_TD * torch.empty_like(x32_TD).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
+        return router_linear(x_TD, self.weight)
 
     def forward(self, x_TD: torch.Tensor) -> RouterOutput:
         with torch.autocast(x_TD.device.type, enabled=False):  # router math stays >= float32 under autocast
@@ -97,8 +129,7 @@ class NoisyTopKRouter(TopKRouter):
         logits_TE = super().compute_logits(x_TD)
         if not self.training:
             return logits_TE
-        x32_TD = x_TD.to(logits_TE.dtype)
-        noise_std_TE = F.softplus(F.linear(x32_TD, self.noise_weight.to(x32_TD.dtype)))
+        noise_std_TE = F.softplus(router_linear(x_TD, self.noise_weight))
         return logits_TE + torch.randn_like(logits_TE) * noise_std_TE
 
 
