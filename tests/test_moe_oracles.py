@@ -234,3 +234,30 @@ def test_plan_is_index_based_not_one_hot():
     capacity = expert_capacity(num_tokens, num_experts, top_k, 2.0, 4)
     plan = capacity_plan(ids_TK, probs_TK, None, num_experts, capacity, "position", True)
     assert capacity == 1563 and plan.src_R.numel() == num_experts * capacity and plan.dest_A.numel() == 100_000
+
+
+@pytest.mark.parametrize("impl", ["loop", "grouped"])
+def test_segmented_capacity_buffer_equals_per_row_reference(impl):
+    """[E, S*C, D] buffers with S segments per expert (expert parallelism: one per source rank), each filled from
+    its start: every filled row equals its expert's MLP, empty rows are zero, and weight gradients sum over
+    segments."""
+    from moe_train.models.moe.activations import expert_mlp
+    from moe_train.models.moe.experts import GroupedExperts
+
+    experts = GroupedExperts(3, 8, 12, "swiglu", impl).double()
+    counts_ES = torch.tensor([[2, 0], [3, 1], [0, 0]])
+    x = torch.randn(3, 8, 8, dtype=torch.float64)  # S=2 segments of C=4 slots
+    filled = torch.zeros(3, 8, dtype=torch.bool)
+    for e in range(3):
+        for s in range(2):
+            filled[e, s * 4:s * 4 + counts_ES[e, s]] = True
+    x = x * filled[..., None]
+    y = experts(x, counts_ES)
+    (y * filled[..., None]).sum().backward()
+    grads = [w.grad.clone() for w in (experts.w1, experts.w2, experts.w3)]
+    experts.zero_grad()
+    ref = torch.stack([expert_mlp(x[e], experts.w1[e], experts.w2[e], experts.w3[e], "swiglu") for e in range(3)])
+    (ref * filled[..., None]).sum().backward()
+    assert torch.allclose(y[filled], ref[filled]) and (impl == "grouped" or not y[~filled].any())
+    for got, w in zip(grads, (experts.w1, experts.w2, experts.w3)):
+        assert torch.allclose(got, w.grad)

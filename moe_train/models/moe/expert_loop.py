@@ -2,8 +2,8 @@
 
 Shape legend: R rows, D model width, F expert hidden width, E experts, n rows of one expert.
 
-Row group e is rows [start_e, start_e + n_e) of x_RD and goes through expert e; rows in no group (empty capacity
-slots) give zeros. Why not plain autograd over a Python loop:
+A group (e, start, n) is rows [start, start + n) of x_RD, run through expert e; an expert may have several groups
+(expert parallelism: one capacity segment per source rank). Rows in no group (empty capacity slots) give zeros. Why not plain autograd over a Python loop:
   * `w[e]` indexing makes autograd zero-fill a full [E, F, D] gradient per expert and weight (measured: 40% of a
     step), and `torch.cat` of the outputs copies them once more; here every matmul writes into its slice of
     preallocated outputs (`torch.mm(..., out=)`), as a grouped GEMM kernel does;
@@ -21,7 +21,7 @@ import torch
 
 from moe_train.models.moe.activations import ACTIVATION_BACKWARD, ACTIVATION_FNS, activate
 
-Groups = list[tuple[int, int]]  # (start row, row count) per expert
+Groups = list[tuple[int, int, int]]  # (expert, start row, row count)
 
 
 def _alloc(shape, like: torch.Tensor, filled: bool) -> torch.Tensor:
@@ -32,10 +32,10 @@ def _alloc(shape, like: torch.Tensor, filled: bool) -> torch.Tensor:
 class _ExpertLoop(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_RD, w1_EFD, w2_EDF, w3_EFD: Optional[torch.Tensor], groups: Groups, activation: str):
-        filled = sum(n for _, n in groups) == x_RD.shape[0]
+        filled = sum(n for _, _, n in groups) == x_RD.shape[0]
         y_RD = _alloc(x_RD.shape, x_RD, filled)
         hidden = []
-        for e, (start, n) in enumerate(groups):
+        for e, start, n in groups:
             if n == 0:
                 hidden.append(None)
                 continue
@@ -51,32 +51,43 @@ class _ExpertLoop(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_RD):
         x_RD, w1, w2, w3 = ctx.saved_tensors
-        every_expert_used = all(n > 0 for _, n in ctx.groups)
+        used = {e for e, _, n in ctx.groups if n > 0}
         grad_x = _alloc(x_RD.shape, x_RD, ctx.filled)
-        grads_w = [_alloc(w.shape, w, every_expert_used) if w is not None else None for w in (w1, w2, w3)]
-        for e, (start, n) in enumerate(ctx.groups):
+        grads_w = [_alloc(w.shape, w, len(used) == w1.shape[0]) if w is not None else None for w in (w1, w2, w3)]
+        seen: set[int] = set()
+        for (e, start, n), hidden in zip(ctx.groups, ctx.hidden):
             if n > 0:
                 rows = slice(start, start + n)
-                _expert_backward(e, grad_RD[rows], x_RD[rows], (w1, w2, w3), ctx.hidden[e], ctx.activation,
-                                 grad_x[rows], grads_w)
+                _expert_backward(e, grad_RD[rows], x_RD[rows], (w1, w2, w3), hidden, ctx.activation,
+                                 grad_x[rows], grads_w, accumulate=e in seen)
+                seen.add(e)
         return grad_x, grads_w[0], grads_w[1], grads_w[2], None, None
 
 
-def _expert_backward(e, gy_nD, x_nD, weights, hidden, activation, gx_nD, grads_w):
-    """Backward of y = act(x w1^T) [* (x w3^T)] w2^T for one expert, writing into gx_nD and grads_w[*][e]."""
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
+    """out = a @ b, or out += a @ b for an expert's later groups."""
+    if accumulate:
+        out.addmm_(a, b)
+    else:
+        torch.mm(a, b, out=out)
+
+
+def _expert_backward(e, gy_nD, x_nD, weights, hidden, activation, gx_nD, grads_w, accumulate: bool):
+    """Backward of y = act(x w1^T) [* (x w3^T)] w2^T for one group of expert e, writing gx_nD and (adding to, when
+    `accumulate`) grads_w[*][e]."""
     w1, w2, w3 = weights
     h1_nF, h3_nF = hidden
     act_nF = ACTIVATION_FNS[activation](h1_nF)
     a_nF = act_nF * h3_nF if h3_nF is not None else act_nF
-    torch.mm(gy_nD.t(), a_nF, out=grads_w[1][e])
+    _mm_into(grads_w[1][e], gy_nD.t(), a_nF, accumulate)
     ga_nF = gy_nD @ w2[e]
     gh1_nF = ACTIVATION_BACKWARD[activation](ga_nF * h3_nF if h3_nF is not None else ga_nF, h1_nF)
     torch.mm(gh1_nF, w1[e], out=gx_nD)
-    torch.mm(gh1_nF.t(), x_nD, out=grads_w[0][e])
+    _mm_into(grads_w[0][e], gh1_nF.t(), x_nD, accumulate)
     if h3_nF is not None:
         gh3_nF = ga_nF * act_nF
         gx_nD.addmm_(gh3_nF, w3[e])
-        torch.mm(gh3_nF.t(), x_nD, out=grads_w[2][e])
+        _mm_into(grads_w[2][e], gh3_nF.t(), x_nD, accumulate)
 
 
 def expert_loop(x_RD, w1_EFD, w2_EDF, w3_EFD, groups: Groups, activation: str) -> torch.Tensor:

@@ -44,7 +44,11 @@ class GroupedExperts(nn.Module):
                 nn.init.normal_(w, std=std)
 
     def forward(self, x: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """[E, C, D] capacity buffer (slots [0, counts_E[e]) filled) or [R, D] rows grouped by expert -> same shape."""
+        """[E, C, D] capacity buffer or [R, D] rows grouped by expert -> same shape.
+
+        counts_E: dropless, [E] rows per expert; capacity, [E] filled slots [0, n_e) per expert, or [E, S] when the
+        buffer holds S segments of C / S slots per expert (one per source rank under expert parallelism), each
+        filled from its start."""
         if not self.use_loop(x):
             return self.forward_batched(x) if x.dim() == 3 else self.forward_grouped_mm(x, counts_E)
         return self.forward_loop(x, counts_E)
@@ -73,15 +77,24 @@ class GroupedExperts(nn.Module):
         return mlp(grouped, x_RD, self.w1, self.w2, self.w3, self.activation)
 
     def forward_loop(self, x: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """One matmul per non-empty expert over its filled rows only (capacity slots [0, n_e), or dropless groups)."""
-        counts = counts_E.tolist()  # host sync: the group sizes decide the slices (free on CPU)
-        if x.dim() == 3:
-            groups = [(e * x.shape[1], n) for e, n in enumerate(counts)]
-        else:
-            starts = [0] + list(itertools.accumulate(counts))[:-1]
-            groups = list(zip(starts, counts))
+        """One matmul chain per non-empty group over its filled rows only (capacity segments, or dropless groups)."""
+        groups = capacity_groups(x.shape[1], counts_E) if x.dim() == 3 else dropless_groups(counts_E)
         x_RD = x.reshape(-1, x.shape[-1])
         return expert_loop(x_RD, self.w1, self.w2, self.w3, groups, self.activation).view(x.shape)
+
+
+def capacity_groups(slots_per_expert: int, counts_E: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(expert, first row, filled rows) of every capacity segment; counts_E is [E] or [E, S] (S segments)."""
+    counts_ES = counts_E.view(counts_E.shape[0], -1).tolist()  # host sync: the group sizes decide the slices
+    segment = slots_per_expert // len(counts_ES[0])
+    return [(e, e * slots_per_expert + s * segment, n) for e, row in enumerate(counts_ES) for s, n in enumerate(row)]
+
+
+def dropless_groups(counts_E: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(expert, first row, rows) of contiguous groups of rows sorted by expert."""
+    counts = counts_E.tolist()  # host sync: the group sizes decide the slices (free on CPU)
+    starts = [0] + list(itertools.accumulate(counts))[:-1]
+    return [(e, start, n) for e, (start, n) in enumerate(zip(starts, counts))]
 
 
 def loop_reference(x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
