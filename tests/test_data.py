@@ -317,10 +317,31 @@ def test_state_dict_restores_exact_next_batches(consumed):
         assert torch.equal(original.next_batch()[0], restored.next_batch()[0])
 
 
-def test_state_dict_refuses_another_layout():
-    state = _loader(dp_size=2, dp_rank=1).state_dict()
-    with pytest.raises(ValueError, match=r"loader state dp_size=2 does not match this loader's dp_size=1"):
-        _loader().load_state_dict(state)
+def test_state_resumes_under_another_dp_size_and_refuses_other_data():
+    two = [_loader(dp_size=2, dp_rank=r, micro_batch_size=2) for r in range(2)]
+    for loader in two:
+        for _ in range(3):
+            loader.next_batch()
+    single = _loader(micro_batch_size=2)
+    single.load_state_dict(two[0].state_dict())  # 6 global micro-batches consumed
+    expected = _loader(micro_batch_size=2)
+    for _ in range(6):
+        expected.next_batch()
+    assert torch.equal(single.next_batch()[0], expected.next_batch()[0])
+    with pytest.raises(ValueError, match=r"loader state seed=7 does not match this loader's seed=8"):
+        _loader(seed=8).load_state_dict(_loader().state_dict())
+    with pytest.raises(ValueError, match=r"consumed=3 micro-batches cannot be split over dp_size=2"):
+        _loader(dp_size=2).load_state_dict({**_loader().state_dict(), "consumed": 3})
+
+
+def test_one_process_step_uses_the_micro_batches_of_all_dp_ranks_together():
+    """Step s with 4 accumulation steps on one process = step s with 2 each on 2 ranks, micro-batch by micro-batch."""
+    single = _loader(micro_batch_size=2)
+    ranks = [_loader(dp_size=2, dp_rank=r, micro_batch_size=2) for r in range(2)]
+    for _ in range(3):
+        one = [_row_ids(single.next_batch()[0]) for _ in range(4)]
+        split = [[_row_ids(r.next_batch()[0]) for _ in range(2)] for r in ranks]
+        assert sorted(one) == sorted(split[0] + split[1]) and one[0::2] == split[0]
 
 
 def test_dp_ranks_see_disjoint_equal_shares():
@@ -335,9 +356,9 @@ def test_validation_batches_fixed_and_sharded():
     val = torch.arange(17 * 20, dtype=torch.int32)
     v0 = ValidationBatches(val, seq_len=16, micro_batch_size=2, dp_rank=0, dp_size=2, max_batches=3)
     v1 = ValidationBatches(val, seq_len=16, micro_batch_size=2, dp_rank=1, dp_size=2)
-    assert len(v0) == 3 and len(v1) == 5
-    assert [_row_ids(x) for x, _ in v0] == [_row_ids(x) for x, _ in v0] == [[0, 2], [4, 6], [8, 10]]
-    assert [_row_ids(x) for x, _ in v1][0] == [1, 3]
+    assert len(v0) == 2 and len(v1) == 5  # v0: global micro-batches 0 and 2 of the first 3
+    assert [_row_ids(x) for x, _ in v0] == [_row_ids(x) for x, _ in v0] == [[0, 1], [4, 5]]
+    assert [_row_ids(x) for x, _ in v1][0] == [2, 3]
 
 
 def test_too_little_data_names_the_sizes():

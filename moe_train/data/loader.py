@@ -1,15 +1,20 @@
-"""Stateful, resumable batch iterators over packed token sequences, sharded by data-parallel rank.
+"""Stateful, resumable batch iterators over packed token sequences, sharded by data-parallel rank in units of
+micro-batches, so that every layout sees the same micro-batches.
 
 Training (`TokenLoader`): epoch e visits the packed rows in the order of
-torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed + e)). The permutation is cut to a multiple
-of dp_size and rank r takes positions r, r + dp_size, r + 2 dp_size, ..., so ranks see disjoint rows within an epoch
-and the same number of them; each rank then drops its remainder of < micro_batch_size rows. Iteration is infinite.
-The state is (epoch, position = micro-batches consumed in this epoch); a loader restored from `state_dict()` yields
-exactly the batches the original would have. Resuming under another dp layout, seed, batch size or data is refused
-with a ValueError (the permutation would differ), so change them only when starting a new run.
+torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed + e)). That order is cut into *global*
+micro-batches of micro_batch_size rows: global micro-batch m = rows perm[m b:(m + 1) b]. Rank r of dp_size takes
+m = r, r + dp_size, r + 2 dp_size, ... An optimizer step of A micro-batches on one process therefore uses exactly
+the micro-batches that dp ranks with A / dp accumulation steps each use together: capacity, dropping and aux losses,
+all decided per micro-batch, are the same under every layout. Each epoch uses the largest multiple of dp_size
+micro-batches that fits; iteration is infinite.
 
-Validation (`ValidationBatches`): the rows in stream order, rank r takes rows r, r + dp_size, ..., in full batches;
-the first `max_batches` of them, the same every time it is iterated.
+State (in global terms): (epoch, global micro-batches consumed in this epoch). A loader restored from
+`state_dict()` yields exactly the batches the original would have; a different dp_size may resume the state when the
+consumed count is a multiple of it (at step boundaries it is). A different seed, micro-batch size or data is refused.
+
+Validation (`ValidationBatches`): global micro-batches of rows in stream order; rank r takes m = r, r + dp_size, ...
+among the first `max_batches` (all full ones if None); the same every time it is iterated.
 """
 
 from __future__ import annotations
@@ -30,14 +35,15 @@ def _check_layout(micro_batch_size: int, dp_rank: int, dp_size: int) -> None:
         raise ValueError(f"dp_rank={dp_rank}, dp_size={dp_size}: need dp_size >= 1 and 0 <= dp_rank < dp_size")
 
 
-def _rows_per_rank(rows: torch.Tensor, what: str, seq_len: int, micro_batch_size: int, dp_size: int) -> int:
-    """Rows each rank gets; ValueError naming the sizes if that is less than one micro-batch."""
-    per_rank = len(rows) // dp_size
-    if per_rank < micro_batch_size:
+def _micro_batches_per_rank(rows: torch.Tensor, what: str, seq_len: int, micro_batch_size: int,
+                            dp_size: int) -> int:
+    """Whole micro-batches each rank gets per pass; ValueError naming the sizes if that is none."""
+    per_rank = len(rows) // micro_batch_size // dp_size
+    if per_rank < 1:
         n_tokens = rows.numel()
         raise ValueError(
             f"too little {what} data: {len(rows)} sequences of seq_len+1={seq_len + 1} tokens ({n_tokens} tokens "
-            f"packed) give {per_rank} per rank, but one micro-batch needs micro_batch_size={micro_batch_size} "
+            f"packed) give no full micro-batch per rank: one needs micro_batch_size={micro_batch_size} "
             f"per rank x dp_size={dp_size}; use more data, a larger data.val_fraction, or a smaller seq_len/batch")
     return per_rank
 
@@ -51,28 +57,25 @@ class TokenLoader:
         self.seq_len, self.micro_batch_size, self.seed = seq_len, micro_batch_size, seed
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self._rows = pack_sequences(tokens, seq_len)
-        per_rank = _rows_per_rank(self._rows, "training", seq_len, micro_batch_size, dp_size)
-        self.batches_per_epoch = per_rank // micro_batch_size
-        self.epoch, self.position = 0, 0
-        self._order: Optional[torch.Tensor] = None  # this rank's row ids for self.epoch, built lazily
+        self.batches_per_epoch = _micro_batches_per_rank(self._rows, "training", seq_len, micro_batch_size, dp_size)
+        self.epoch, self.position = 0, 0  # position: this rank's micro-batches consumed in the epoch
+        self._order: Optional[torch.Tensor] = None  # the epoch's row permutation, built lazily
 
     @property
     def num_sequences(self) -> int:
         """Packed rows in the whole training split (all ranks)."""
         return len(self._rows)
 
-    def _rank_order(self, epoch: int) -> torch.Tensor:
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed + epoch)
-        perm = torch.randperm(len(self._rows), generator=generator)
-        usable = len(perm) // self.dp_size * self.dp_size
-        return perm[self.dp_rank:usable:self.dp_size]
+        return torch.randperm(len(self._rows), generator=generator)
 
     def next_batch(self) -> Batch:
         if self.position >= self.batches_per_epoch:
             self.epoch, self.position, self._order = self.epoch + 1, 0, None
         if self._order is None:
-            self._order = self._rank_order(self.epoch)
-        start = self.position * self.micro_batch_size
+            self._order = self._epoch_order(self.epoch)
+        start = (self.position * self.dp_size + self.dp_rank) * self.micro_batch_size  # global micro-batch
         self.position += 1
         return inputs_targets(self._rows[self._order[start:start + self.micro_batch_size]])
 
@@ -81,18 +84,23 @@ class TokenLoader:
             yield self.next_batch()
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "dp_rank": self.dp_rank,
-                "dp_size": self.dp_size, "micro_batch_size": self.micro_batch_size,
-                "num_sequences": self.num_sequences}
+        """Plain ints; `consumed` counts global micro-batches of the epoch (all ranks, at a step boundary)."""
+        return {"epoch": self.epoch, "consumed": self.position * self.dp_size, "seed": self.seed,
+                "micro_batch_size": self.micro_batch_size, "num_sequences": self.num_sequences}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        """Resume at `state`'s (epoch, position); every other key must equal this loader's (ValueError otherwise)."""
+        """Resume at `state`'s (epoch, consumed), under any dp_size that divides `consumed`; seed, micro-batch size
+        and data must equal this loader's (ValueError otherwise)."""
         mine = self.state_dict()
-        for key in ("dp_size", "dp_rank", "seed", "micro_batch_size", "num_sequences"):
-            if key in state and int(state[key]) != mine[key]:
+        for key in ("seed", "micro_batch_size", "num_sequences"):
+            if int(state[key]) != mine[key]:
                 raise ValueError(f"loader state {key}={state[key]} does not match this loader's {key}={mine[key]}; "
-                                 "resuming with a different seed, dp layout, batch size or data is not supported")
-        self.epoch, self.position, self._order = int(state["epoch"]), int(state["position"]), None
+                                 "resuming with a different seed, micro-batch size or data is not supported")
+        consumed = int(state["consumed"])
+        if consumed % self.dp_size:
+            raise ValueError(f"loader state consumed={consumed} micro-batches cannot be split over "
+                             f"dp_size={self.dp_size} ranks; resume at an optimizer-step boundary")
+        self.epoch, self.position, self._order = int(state["epoch"]), consumed // self.dp_size, None
 
 
 class ValidationBatches:
@@ -103,17 +111,17 @@ class ValidationBatches:
         _check_layout(micro_batch_size, dp_rank, dp_size)
         if max_batches is not None and max_batches < 1:
             raise ValueError(f"max_batches={max_batches} must be None (all) or >= 1")
-        rows = pack_sequences(tokens, seq_len)
-        per_rank = _rows_per_rank(rows, "validation", seq_len, micro_batch_size, dp_size)
-        self._rows = rows[dp_rank:per_rank * dp_size:dp_size]
+        self._rows = pack_sequences(tokens, seq_len)
+        _micro_batches_per_rank(self._rows, "validation", seq_len, micro_batch_size, dp_size)
         self.micro_batch_size = micro_batch_size
-        full = per_rank // micro_batch_size
-        self.num_batches = full if max_batches is None else min(full, max_batches)
+        total = len(self._rows) // micro_batch_size
+        self.total_batches = total if max_batches is None else min(total, max_batches)  # global, all ranks
+        self._mine = range(dp_rank, self.total_batches, dp_size)
 
     def __len__(self) -> int:
-        return self.num_batches
+        return len(self._mine)
 
     def __iter__(self) -> Iterator[Batch]:
         b = self.micro_batch_size
-        for i in range(self.num_batches):
-            yield inputs_targets(self._rows[i * b:(i + 1) * b])
+        for m in self._mine:
+            yield inputs_targets(self._rows[m * b:(m + 1) * b])
