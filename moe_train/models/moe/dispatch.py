@@ -10,25 +10,36 @@ Shape legend: T tokens, D model width, E experts, K experts per token, C capacit
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
 from moe_train.models.moe.routing import DispatchPlan
 
 
+@dataclass
+class ExpertBatch:
+    """What this process's experts run on, and what `combine` needs to bring their output back."""
+
+    x: torch.Tensor  # [E_local, C', D] capacity buffer or [R', D] rows grouped by local expert
+    counts: torch.Tensor  # filled rows per local expert: [E_local], or [E_local, S] for S capacity segments
+    meta: Any = None  # dispatcher-private state for combine (split sizes, permutations)
+
+
 class LocalDispatcher:
     """All experts live in this process: the communication steps are the identity."""
 
-    def dispatch(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    def dispatch(self, x_TD: torch.Tensor, plan: DispatchPlan) -> ExpertBatch:
         """x_TD -> expert input: [E, C, D] (capacity) or [R, D] grouped by expert with plan.counts_E (dropless)."""
         x = self.dispatch_preprocess(x_TD, plan)
-        x = self.token_dispatch(x, plan)
-        return self.dispatch_postprocess(x, plan)
+        return self.dispatch_postprocess(self.token_dispatch(x, plan), plan)
 
-    def combine(self, y: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-        """Expert output (same layout as the expert input) -> y_TD, the weighted sum over each token's kept pairs."""
-        y = self.combine_preprocess(y, plan)
-        y = self.token_combine(y, plan)
+    def combine(self, y: torch.Tensor, plan: DispatchPlan, batch: ExpertBatch) -> torch.Tensor:
+        """Expert output (the layout of batch.x) -> y_TD, the weighted sum over each token's kept pairs."""
+        y = self.combine_preprocess(y, plan, batch)
+        y = self.token_combine(y, plan, batch)
         return self.combine_postprocess(y, plan)
 
     # -- local steps (no communication) -------------------------------------------------------------------------
@@ -40,10 +51,10 @@ class LocalDispatcher:
             return x_RD
         return x_RD.view(plan.num_experts, plan.capacity, x_TD.shape[-1])
 
-    def dispatch_postprocess(self, x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-        return x
+    def dispatch_postprocess(self, x: Any, plan: DispatchPlan) -> ExpertBatch:
+        return ExpertBatch(x, plan.counts_E)
 
-    def combine_preprocess(self, y: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    def combine_preprocess(self, y: torch.Tensor, plan: DispatchPlan, batch: ExpertBatch) -> torch.Tensor:
         return y
 
     def combine_postprocess(self, y: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
@@ -53,8 +64,8 @@ class LocalDispatcher:
         return (y_AD.view(plan.top_k, plan.num_tokens, d_model) * weights_KT1).sum(dim=0)
 
     # -- communication steps (identity for a single rank) --------------------------------------------------------
-    def token_dispatch(self, x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    def token_dispatch(self, x: torch.Tensor, plan: DispatchPlan) -> Any:
         return x
 
-    def token_combine(self, y: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    def token_combine(self, y: torch.Tensor, plan: DispatchPlan, batch: ExpertBatch) -> torch.Tensor:
         return y

@@ -98,9 +98,8 @@ class MoELayer(nn.Module):
         x_TD = x.reshape(-1, self.d_model)
         route = self.router(x_TD)
         plan = self.plan(route)
-        expert_in = self.dispatcher.dispatch(x_TD, plan)
-        expert_out = self.experts(expert_in, plan.counts_E)
-        out_TD = self.dispatcher.combine(expert_out, plan)
+        batch = self.dispatcher.dispatch(x_TD, plan)
+        out_TD = self.dispatcher.combine(self.experts(batch.x, batch.counts), plan, batch)
         if self.shared_experts is not None:
             out_TD = out_TD + self.shared_experts(x_TD)
         aux_loss, lb_loss, z_loss = self.router_losses(route)

@@ -1,0 +1,51 @@
+"""Gradient reduction for data parallelism with sharded experts.
+
+The objective is the mean of the dp ranks' losses. A dense parameter's gradient is the mean over the dp group. An
+expert's gradient on its owner already sums the contributions of every ep rank's tokens (they reached it through
+the all-to-all), so it is summed over the expert-data-parallel group (the replicas of that expert shard) and divided
+by dp, not averaged over edp: averaging would count each ep rank's tokens ep times too little or too much (the
+"doubled gradients at EP=2" bug).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from moe_train.models.moe.experts import GroupedExperts
+
+
+def split_expert_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(dense, expert) trainable parameters; expert = the stacked weights of routed experts."""
+    expert_ids = {id(p) for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()}
+    dense, expert = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (expert if id(p) in expert_ids else dense).append(p)
+    return dense, expert
+
+
+def _all_reduce_flat(grads: list[torch.Tensor], group: dist.ProcessGroup | None, scale: float) -> None:
+    """Collective (when group is not None): one bucket, SUM, then scale in place."""
+    if not grads:
+        return
+    flat = _flatten_dense_tensors(grads)
+    if group is not None:
+        dist.all_reduce(flat, group=group)
+    flat.mul_(scale)
+    for g, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+        g.copy_(reduced)
+
+
+def reduce_gradients(model: nn.Module, dp_group, edp_group, dp: int) -> None:
+    """Dense grads: mean over dp. Expert grads: sum over edp, divided by dp. Missing grads count as zero."""
+    if dp == 1:
+        return
+    dense, expert = split_expert_params(model)
+    for p in dense + expert:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    _all_reduce_flat([p.grad for p in dense], dp_group, 1.0 / dp)
+    _all_reduce_flat([p.grad for p in expert], edp_group, 1.0 / dp)

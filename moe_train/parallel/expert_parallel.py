@@ -1,0 +1,108 @@
+"""Expert parallelism: experts sharded over the ep ranks, tokens exchanged with all-to-all.
+
+Shape legend: T tokens, D model width, E experts (global), L = E / P local experts, P expert-parallel ranks,
+C capacity, R rows this rank dispatches, Q rows it receives.
+
+Expert e lives on ep rank e // L. Every collective below is marked; each rank of the ep group must run the same
+MoE layers in the same order (they do: all ranks run the same micro-batches of the same model). Routing and dropping
+are decided on each rank's own tokens (as GShard and DeepSpeed do), so a token's result does not depend on the
+layout.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
+from torch import nn
+
+from moe_train.models.moe.dispatch import ExpertBatch, LocalDispatcher
+from moe_train.models.moe.experts import GroupedExperts
+from moe_train.models.moe.routing import DispatchPlan
+
+
+def all_to_all(x: torch.Tensor, group: dist.ProcessGroup, out_rows: int, send: list[int] | None = None,
+               recv: list[int] | None = None) -> torch.Tensor:
+    """Collective: differentiable all_to_all_single over dim 0 (its backward is the reverse exchange)."""
+    out = x.new_empty((out_rows, *x.shape[1:]))
+    return dist_nn.all_to_all_single(out, x.contiguous(), recv, send, group=group)
+
+
+def exchange_counts(counts_E: torch.Tensor, group: dist.ProcessGroup, ep: int) -> torch.Tensor:
+    """Collective: how many rows each source rank sends to each of my local experts, [P, L] (no autograd)."""
+    recv = torch.empty_like(counts_E)
+    dist.all_to_all_single(recv, counts_E.contiguous(), group=group)
+    return recv.view(ep, -1)
+
+
+def expert_major_order(counts_PL: list[list[int]]) -> torch.Tensor:
+    """Row permutation from (source rank, local expert) blocks, as received, to (local expert, source rank)."""
+    starts, total = [], 0
+    for row in counts_PL:
+        starts.append([])
+        for n in row:
+            starts[-1].append(total)
+            total += n
+    blocks = [torch.arange(starts[p][l], starts[p][l] + counts_PL[p][l])
+              for l in range(len(counts_PL[0])) for p in range(len(counts_PL))]
+    return torch.cat(blocks) if blocks else torch.zeros(0, dtype=torch.long)
+
+
+class AllToAllDispatcher(LocalDispatcher):
+    """Capacity: equal-split all-to-all of the [E, C, D] buffer, local experts run on [L, P*C, D].
+    Dropless: per-expert counts exchanged first (a host sync), then a variable-split all-to-all."""
+
+    def __init__(self, group: dist.ProcessGroup, ep: int):
+        self.group, self.ep = group, ep
+
+    def token_dispatch(self, x: torch.Tensor, plan: DispatchPlan) -> Any:
+        counts_PL = exchange_counts(plan.counts_E, self.group, self.ep)  # collective
+        if plan.capacity is not None:
+            return all_to_all(x.view(-1, x.shape[-1]), self.group, plan.num_experts * plan.capacity), counts_PL, None
+        send = plan.counts_E.view(self.ep, -1).sum(1).tolist()  # host sync: split sizes
+        counts = counts_PL.tolist()  # host sync
+        recv = [sum(row) for row in counts]
+        received = all_to_all(x, self.group, sum(recv), send, recv)  # collective
+        return received, counts_PL, (send, recv, expert_major_order(counts).to(x.device))
+
+    def dispatch_postprocess(self, x: Any, plan: DispatchPlan) -> ExpertBatch:
+        received, counts_PL, splits = x
+        if plan.capacity is None:
+            return ExpertBatch(received.index_select(0, splits[2]), counts_PL.sum(0), splits)
+        P, C, D = self.ep, plan.capacity, received.shape[-1]
+        x_LQD = received.view(P, -1, C, D).transpose(0, 1).reshape(-1, P * C, D)
+        return ExpertBatch(x_LQD, counts_PL.t().contiguous())
+
+    def combine_preprocess(self, y: torch.Tensor, plan: DispatchPlan, batch: ExpertBatch) -> torch.Tensor:
+        if plan.capacity is None:
+            inverse = torch.argsort(batch.meta[2])
+            return y.index_select(0, inverse)
+        P, C, D = self.ep, plan.capacity, y.shape[-1]
+        return y.view(-1, P, C, D).transpose(0, 1).reshape(-1, D)
+
+    def token_combine(self, y: torch.Tensor, plan: DispatchPlan, batch: ExpertBatch) -> torch.Tensor:
+        if plan.capacity is None:
+            send, recv, _ = batch.meta
+            return all_to_all(y, self.group, sum(send), recv, send)  # collective: the reverse exchange
+        out = all_to_all(y, self.group, y.shape[0])  # collective
+        return out.view(plan.num_experts, plan.capacity, -1)
+
+
+def shard_experts(experts: GroupedExperts, ep_rank: int, ep: int) -> None:
+    """Keep experts [ep_rank * L, (ep_rank + 1) * L) of the stacked weights (copies: the full stack is freed)."""
+    local = experts.num_experts // ep
+    for name in ("w1", "w2", "w3"):
+        w = getattr(experts, name)
+        if w is not None:
+            setattr(experts, name, nn.Parameter(w.detach()[ep_rank * local:(ep_rank + 1) * local].clone()))
+
+
+def apply_ep(model: nn.Module, group: dist.ProcessGroup | None, ep_rank: int, ep: int) -> None:
+    """Shard every MoE layer's experts over the ep ranks and install the all-to-all dispatcher."""
+    if ep == 1:
+        return
+    for moe in model.moe_layers():
+        shard_experts(moe.experts, ep_rank, ep)
+        moe.dispatcher = AllToAllDispatcher(group, ep)
