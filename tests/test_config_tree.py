@@ -85,7 +85,9 @@ SEMANTIC_ERRORS = [
     (["logger.backend=tensorboard"], r"logger\.backend='tensorboard' is not supported; allowed: none, wandb"),
     (["data=text"], r"data\.path=None"),
     (["data.val_fraction=1.5"], r"data\.val_fraction=1\.5"),
-    (["parallel.ep=2"], r"parallel\.ep=2 needs several processes"),
+    (["parallel.ep=2"], r"parallel\.ep=2 must be >= 1 and divide the data-parallel size 1"),
+    (["parallel.tp=2"], r"parallel\.tp=2, parallel\.expert_tp=False: tensor parallelism is not available yet"),
+    (["parallel.backend=mpi"], r"parallel\.backend='mpi' is not supported; allowed: auto, nccl, gloo"),
     (["checkpoint.every=10"], r"checkpoint\.every=10"),
     (["model.moe_every=-1"], r"model\.moe_every=-1 must be >= 0"),
 ]
@@ -98,9 +100,17 @@ def test_inconsistent_values_fail_validation_naming_key_and_value(overrides, pat
         validate_config(cfg)
 
 
-def test_world_size_mismatch_is_refused():
-    with pytest.raises(ValueError, match=r"WORLD_SIZE=2"):
-        validate_config(compose_config([]), world_size=2)
+@pytest.mark.parametrize("overrides,world,pattern", [
+    (["parallel.dp=4"], 2, r"parallel\.dp=4 x parallel\.tp=1 must equal the world size 2"),
+    (["parallel.ep=4", "moe.num_experts=6"], 4, r"moe\.num_experts=6 is not divisible by parallel\.ep=4"),
+    (["parallel.ep=3"], 4, r"parallel\.ep=3 must be >= 1 and divide the data-parallel size 4"),
+    (["train.batch_size=10", "train.grad_accum_steps=1"], 4,
+     r"train\.batch_size=10 must be divisible by train\.grad_accum_steps=1 x data-parallel size 4"),
+])
+def test_layout_is_checked_against_the_world_size(overrides, world, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        validate_config(compose_config(overrides), world_size=world)
+    assert validate_config(compose_config(["parallel.ep=2"]), world_size=2).edp == 1
 
 
 SETUP_ERRORS = [

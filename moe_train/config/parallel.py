@@ -1,8 +1,12 @@
-"""Parallel layout (config key `parallel`): world = dp x tp, experts sharded over ep ranks (ep divides dp)."""
+"""Parallel layout (config key `parallel`): world = dp x tp, experts sharded over ep ranks (ep divides dp).
+
+The layout is checked against the world size and the model's shapes by moe_train.parallel.dims.resolve_dims."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+BACKENDS = ("auto", "nccl", "gloo")
 
 
 @dataclass
@@ -11,7 +15,8 @@ class ParallelConfig:
     """Data-parallel size; -1 = inferred as world_size / tp."""
 
     ep: int = 1
-    """Expert-parallel size: experts are split over ep ranks of the data-parallel group; must divide dp."""
+    """Expert-parallel size: experts are split over ep ranks of the data-parallel group; must divide dp and
+    moe.num_experts. Each expert shard is replicated over dp / ep ranks (the expert-data-parallel group)."""
 
     tp: int = 1
     """Tensor-parallel size (attention heads and FFN width split Megatron-style)."""
@@ -19,14 +24,18 @@ class ParallelConfig:
     expert_tp: bool = False
     """Split experts along their FFN width over tp ranks (True) or replicate them across tp (False)."""
 
+    backend: str = "auto"
+    """Collective backend: `auto` (NCCL on CUDA, gloo on CPU), `nccl` or `gloo`."""
 
-def validate_parallel_config(cfg: ParallelConfig, world_size: int) -> None:
-    """Single-process trainer: only the trivial layout. Multi-rank layouts arrive with the distributed trainer."""
-    if world_size != 1:
-        raise ValueError(f"WORLD_SIZE={world_size}: this version trains in one process only; "
-                         f"launch without torchrun/deepspeed (multi-rank training is not available yet)")
-    for name in ("ep", "tp"):
-        if getattr(cfg, name) != 1:
-            raise ValueError(f"parallel.{name}={getattr(cfg, name)} needs several processes; allowed: 1")
-    if cfg.dp not in (-1, 1):
-        raise ValueError(f"parallel.dp={cfg.dp} does not match the world size 1; allowed: -1 (inferred) or 1")
+    timeout_s: float = 600.0
+    """Collective timeout in seconds: a rank that dies makes the others fail after this long instead of hanging."""
+
+
+def validate_parallel_config(cfg: ParallelConfig) -> None:
+    if cfg.backend not in BACKENDS:
+        raise ValueError(f"parallel.backend={cfg.backend!r} is not supported; allowed: {', '.join(BACKENDS)}")
+    if not cfg.timeout_s > 0:
+        raise ValueError(f"parallel.timeout_s={cfg.timeout_s} must be > 0 seconds")
+    if cfg.tp != 1 or cfg.expert_tp:
+        raise ValueError(f"parallel.tp={cfg.tp}, parallel.expert_tp={cfg.expert_tp}: tensor parallelism is not "
+                         f"available yet; allowed: parallel.tp=1, parallel.expert_tp=false")

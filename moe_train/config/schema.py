@@ -15,6 +15,7 @@ from moe_train.config.moe import MoEConfig, validate_moe_config
 from moe_train.config.optim import OptimConfig, validate_optim_config
 from moe_train.config.parallel import ParallelConfig, validate_parallel_config
 from moe_train.config.train import TrainConfig, validate_train_config
+from moe_train.parallel.dims import ParallelDims, resolve_dims
 
 
 @dataclass
@@ -29,8 +30,8 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
-def validate_config(cfg: Config, world_size: int = 1) -> None:
-    """Raise ValueError naming the first offending key, its value and what is allowed."""
+def validate_config(cfg: Config, world_size: int = 1) -> ParallelDims:
+    """Raise ValueError naming the first offending key, its value and what is allowed; return the layout."""
     validate_model_config(cfg.model, cfg.moe)
     if cfg.model.moe_every > 0:
         validate_moe_config(cfg.moe, cfg.model.d_model)
@@ -39,10 +40,16 @@ def validate_config(cfg: Config, world_size: int = 1) -> None:
     validate_train_config(cfg.train)
     validate_logging_config(cfg.logger)
     validate_checkpoint_config(cfg.checkpoint)
-    validate_parallel_config(cfg.parallel, world_size)
-    validate_cross(cfg)
+    validate_parallel_config(cfg.parallel)
+    dims = resolve_dims(cfg.parallel, world_size, cfg.model, cfg.moe)
+    validate_cross(cfg, dims)
+    return dims
 
 
-def validate_cross(cfg: Config) -> None:
+def validate_cross(cfg: Config, dims: ParallelDims) -> None:
+    per_step = cfg.train.grad_accum_steps * dims.dp
+    if cfg.train.batch_size % per_step:
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} must be divisible by train.grad_accum_steps="
+                         f"{cfg.train.grad_accum_steps} x data-parallel size {dims.dp} (micro-batches per step)")
     if cfg.train.seq_len > cfg.model.max_seq_len:
         raise ValueError(f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}")

@@ -19,7 +19,9 @@ class TrainConfig:
     """Global batch, in sequences per optimizer step (over all data-parallel ranks and accumulation steps)."""
 
     grad_accum_steps: int = 1
-    """Micro-batches per optimizer step; batch_size must be divisible by grad_accum_steps (x data-parallel size)."""
+    """Micro-batches per optimizer step on each data-parallel rank (as DeepSpeed's gradient_accumulation_steps):
+    micro-batch size = batch_size / (grad_accum_steps x dp). Keep the micro-batch size when changing dp (e.g. dp 2
+    with half the accumulation steps) and every layout computes the same micro-batches."""
 
     seq_len: int = 128
     """Tokens per training sequence; at most model.max_seq_len."""

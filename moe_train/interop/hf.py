@@ -527,13 +527,15 @@ def _dataclass_from_dict(cls, values: dict, where: str):
     return cls(**values)
 
 
-def save_weights(model: Transformer, path) -> None:
-    """Write our state dict to `path` (NAME.safetensors) and the configs to NAME.json."""
+def save_weights(model: Transformer, path, state_dict: Optional[dict] = None) -> None:
+    """Write our state dict (or `state_dict`, e.g. with sharded experts gathered) to `path` (NAME.safetensors) and
+    the configs to NAME.json."""
     weights, sidecar = _weights_paths(path)
     weights.parent.mkdir(parents=True, exist_ok=True)
     config = {**WEIGHTS_FORMAT, "model": asdict(model.cfg), "moe": asdict(model.moe_cfg)}
     sidecar.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    state_dict = model.state_dict() if state_dict is None else state_dict
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     save_file(tensors, str(weights), metadata={"format": "pt"})
 
 

@@ -49,3 +49,19 @@ def reduce_gradients(model: nn.Module, dp_group, edp_group, dp: int) -> None:
             p.grad = torch.zeros_like(p)
     _all_reduce_flat([p.grad for p in dense], dp_group, 1.0 / dp)
     _all_reduce_flat([p.grad for p in expert], edp_group, 1.0 / dp)
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float, ep_group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Global L2 norm of all gradients (experts are partitioned over the ep ranks, so their squares are summed over
+    the ep group: collective), and torch's clipping rule: scale by min(1, max_norm / (norm + 1e-6)).
+    Call after `reduce_gradients`: dense gradients are then equal on every rank. max_norm <= 0: no clipping."""
+    dense, expert = split_expert_params(model)
+    grads = [[p.grad for p in group if p.grad is not None] for group in (dense, expert)]
+    sq = torch.stack([sum((g.float().pow(2).sum() for g in gs), torch.zeros(())) for gs in grads])
+    if ep_group is not None:
+        dist.all_reduce(sq[1:], group=ep_group)
+    norm = sq.sum().sqrt()
+    if max_norm > 0:
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        torch._foreach_mul_(grads[0] + grads[1], coef)
+    return norm

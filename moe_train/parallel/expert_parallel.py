@@ -106,3 +106,17 @@ def apply_ep(model: nn.Module, group: dist.ProcessGroup | None, ep_rank: int, ep
     for moe in model.moe_layers():
         shard_experts(moe.experts, ep_rank, ep)
         moe.dispatcher = AllToAllDispatcher(group, ep)
+
+
+def full_state_dict(model: nn.Module, group: dist.ProcessGroup | None, ep: int) -> dict:
+    """Collective over the ep group: the model's state dict with every sharded expert stack gathered to all E
+    experts (global expert order), as one process would hold it."""
+    state = model.state_dict()
+    if ep == 1:
+        return state
+    for name, t in state.items():
+        if ".moe.experts." in name:
+            full = t.new_empty((t.shape[0] * ep, *t.shape[1:]))
+            dist.all_gather_into_tensor(full, t.contiguous(), group=group)
+            state[name] = full
+    return state

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 
@@ -27,6 +28,16 @@ class MoEStatsAccumulator:
             self.loads[layer_id] = self.loads.get(layer_id, 0) + s.tokens_per_expert
             self.scalars[layer_id] = self.scalars.get(layer_id, 0) + scalars
         self.micro_batches += 1
+
+    def all_reduce(self, group) -> None:
+        """Collective over the dp group: token counts summed, scalar statistics averaged over ranks."""
+        if group is None or not self.layers:
+            return
+        size = dist.get_world_size(group)
+        for store, scale in ((self.loads, 1.0), (self.scalars, 1.0 / size)):
+            for key in sorted(store):
+                dist.all_reduce(store[key], group=group)
+                store[key].mul_(scale)
 
     def read(self) -> dict:
         """Means over micro-batches and MoE layers; `expert_load` = each layer's share of assignments per expert."""

@@ -19,6 +19,9 @@ import torch.nn.functional as F
 from moe_train.config.schema import Config
 from moe_train.data import DataBundle, build_data
 from moe_train.models.transformer import Transformer, build_model
+from moe_train.parallel.context import ParallelContext
+from moe_train.parallel.data_parallel import clip_grad_norm, reduce_gradients
+from moe_train.parallel.expert_parallel import apply_ep
 from moe_train.training.loggers import Console, MetricsFile, Progress, build_logger
 from moe_train.training.moe_stats import MoEStatsAccumulator
 from moe_train.training.optim import build_optimizer, build_scheduler
@@ -38,34 +41,45 @@ def lm_loss(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: Path, rank: int = 0):
-        self.cfg, self.run_dir, self.rank = cfg, run_dir, rank
-        self.console = Console(rank)
-        self.device = resolve_device(cfg.train.device)
+    def __init__(self, cfg: Config, run_dir: Path, ctx: Optional[ParallelContext] = None,
+                 device: Optional[torch.device] = None):
+        self.cfg, self.run_dir = cfg, run_dir
+        self.ctx = ctx if ctx is not None else ParallelContext.single()
+        self.rank = self.ctx.rank
+        self.console = Console(self.rank)
+        self.device = device if device is not None else resolve_device(cfg.train.device)
         torch.manual_seed(cfg.train.seed)  # init and every random routing choice follow the seed
         self.data = self.build_data()
         self.model = self.build_model()
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.max_steps)
         self.stats = MoEStatsAccumulator(self.model)
-        self.metrics = MetricsFile(run_dir / "metrics.jsonl" if rank == 0 else None)
-        self.logger = build_logger(cfg.logger, run_dir, dataclasses.asdict(cfg), rank)
+        self.metrics = MetricsFile(run_dir / "metrics.jsonl" if self.ctx.is_rank0 else None)
+        self.logger = build_logger(cfg.logger, run_dir, dataclasses.asdict(cfg), self.rank)
         self.step = 0
 
     @property
     def micro_batch_size(self) -> int:
-        return self.cfg.train.batch_size // self.cfg.train.grad_accum_steps
+        return self.cfg.train.batch_size // (self.cfg.train.grad_accum_steps * self.ctx.dims.dp)
+
+    def group(self, name: str):
+        return getattr(self.ctx.groups, name) if self.ctx.groups is not None else None
 
     def build_data(self) -> DataBundle:
-        t = self.cfg.train
-        return build_data(self.cfg.data, t.seq_len, self.micro_batch_size, val_batches=t.eval_batches)
+        t, dims = self.cfg.train, self.ctx.dims
+        return build_data(self.cfg.data, t.seq_len, self.micro_batch_size, self.ctx.dp_rank, dims.dp,
+                          val_batches=t.eval_batches)
 
     def build_model(self) -> Transformer:
+        """Full model on every rank (same seed: same weights), then each rank keeps its experts.
+        Cost: the full expert stack is allocated once per rank before sharding."""
         vocab = self.cfg.model.vocab_size
         if vocab < self.data.vocab_size:
             raise ValueError(f"model.vocab_size={vocab} is smaller than the vocabulary of "
                              f"data.tokenizer={self.cfg.data.tokenizer!r} ({self.data.vocab_size} tokens)")
-        return build_model(self.cfg.model, self.cfg.moe, self.device)
+        model = build_model(self.cfg.model, self.cfg.moe, self.device)
+        apply_ep(model, self.group("ep"), self.ctx.ep_rank, self.ctx.dims.ep)
+        return model
 
     def autocast(self):
         if self.cfg.train.mixed_precision == "bf16":
@@ -81,6 +95,16 @@ class Trainer:
 
     def train_step(self, collect_stats: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
         """One optimizer step over grad_accum_steps micro-batches: (mean LM loss, grad norm, lr used)."""
+        loss, grad_norm = self.compute_gradients(collect_stats)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, grad_norm, lr
+
+    def compute_gradients(self, collect_stats: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward/backward of this rank's micro-batches, gradients reduced over the layout and clipped:
+        (this rank's mean LM loss, global grad norm before clipping)."""
         accum = self.cfg.train.grad_accum_steps
         loss_sum = torch.zeros((), device=self.device)
         for _ in range(accum):
@@ -89,13 +113,9 @@ class Trainer:
             loss_sum += loss.detach()
             if collect_stats:
                 self.stats.add()
-        clip = self.cfg.optim.grad_clip
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else math.inf)
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum / accum, grad_norm, lr
+        reduce_gradients(self.model, self.group("dp"), self.group("edp"), self.ctx.dims.dp)  # collectives
+        grad_norm = clip_grad_norm(self.model, self.cfg.optim.grad_clip, self.group("ep"))  # collective
+        return loss_sum / accum, grad_norm
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -103,7 +123,14 @@ class Trainer:
         self.model.eval()
         losses = [self.forward_loss(inputs, targets)[0] for inputs, targets in self.data.val]
         self.model.train()
-        return torch.stack(losses).mean().item()  # host sync
+        total = torch.stack([torch.stack(losses).sum(), torch.tensor(float(len(losses)))])
+        self.all_reduce_sum(total)  # collective
+        return (total[0] / total[1]).item()  # host sync
+
+    def all_reduce_sum(self, t: torch.Tensor) -> None:
+        """Collective over the dp group (no-op on one process)."""
+        if self.group("dp") is not None:
+            torch.distributed.all_reduce(t, group=self.group("dp"))
 
     def should_log(self, step: int) -> bool:
         return step % self.cfg.train.log_every == 0 or step == self.cfg.train.max_steps
@@ -147,7 +174,10 @@ class Trainer:
         return last
 
     def log_step(self, step: int, loss, grad_norm, lr: float, window: "Window") -> dict:
-        values = torch.stack([loss, grad_norm.float()]).tolist()  # host sync: once per logged step
+        loss = loss.clone()
+        self.all_reduce_sum(loss)  # collective: mean over dp of the ranks' mean micro-batch losses
+        self.stats.all_reduce(self.group("dp"))  # collective
+        values = torch.stack([loss / self.ctx.dims.dp, grad_norm.float()]).tolist()  # host sync: once per log
         if not math.isfinite(values[0]):
             raise FloatingPointError(f"training loss is {values[0]} at step {step}; lower optim.lr={self.cfg.optim.lr} "
                                      f"or enable optim.grad_clip")

@@ -1,0 +1,93 @@
+"""The launch environment and the parallel context a run is given (rank, layout, groups).
+
+torchrun and the deepspeed launcher both set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from moe_train.parallel.dims import ParallelDims
+from moe_train.parallel.mesh import ParallelGroups, build_mesh
+
+ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def read_launch_env(environ=os.environ) -> LaunchEnv:
+    """ValueError naming the variable when the launcher's variables are malformed or inconsistent."""
+    values = {}
+    for key, default in zip(ENV_KEYS, ("0", "1", "0")):
+        raw = environ.get(key, default)
+        if not raw.isdigit():
+            raise ValueError(f"environment variable {key}={raw!r} must be a non-negative integer")
+        values[key] = int(raw)
+    env = LaunchEnv(values["RANK"], values["WORLD_SIZE"], values["LOCAL_RANK"])
+    if env.world_size < 1 or env.rank >= env.world_size:
+        raise ValueError(f"RANK={env.rank} must be below WORLD_SIZE={env.world_size} (and WORLD_SIZE >= 1)")
+    if env.world_size > 1 and not (environ.get("MASTER_ADDR") and environ.get("MASTER_PORT")):
+        raise ValueError(f"WORLD_SIZE={env.world_size} but MASTER_ADDR/MASTER_PORT are not set; launch with "
+                         f"torchrun or deepspeed")
+    return env
+
+
+@dataclass
+class ParallelContext:
+    rank: int
+    dims: ParallelDims
+    groups: Optional[ParallelGroups]  # None for a single process
+
+    @property
+    def tp_rank(self) -> int:
+        return self.rank % self.dims.tp
+
+    @property
+    def ep_rank(self) -> int:
+        return (self.rank // self.dims.tp) % self.dims.ep
+
+    @property
+    def dp_rank(self) -> int:
+        """Index in the flattened (edp, ep) dimension (mesh.py's rank order)."""
+        return self.rank // self.dims.tp
+
+    @property
+    def is_rank0(self) -> bool:
+        return self.rank == 0
+
+    @staticmethod
+    def single() -> "ParallelContext":
+        return ParallelContext(0, ParallelDims(1, 1, 1), None)
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init_parallel(env: LaunchEnv, dims: ParallelDims, device: torch.device, timeout_s: float) -> ParallelContext:
+    """Collective: join the process group (NCCL on CUDA, gloo on CPU) and build the mesh."""
+    if env.world_size == 1:
+        return ParallelContext.single()
+    if device.type == "cuda":
+        torch.cuda.set_device(env.local_rank)
+    dist.init_process_group(backend_for(device), rank=env.rank, world_size=env.world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    return ParallelContext(env.rank, dims, build_mesh(dims, device.type))
+
+
+def shutdown(ctx: ParallelContext) -> None:
+    """Ranks must leave together (a rank exiting alone can abort the others' gloo teardown)."""
+    if ctx.groups is not None and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

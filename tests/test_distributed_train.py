@@ -1,0 +1,91 @@
+"""Every layout trains like one process (CPU, gloo): with the same global batch split into the same micro-batches,
+the first step's gradients and 5 steps of losses equal the single-process run's."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pytest
+import torch
+
+from moe_train.cli_config import compose_config
+from moe_train.config import validate_config
+from moe_train.parallel.context import ParallelContext
+from moe_train.parallel.expert_parallel import full_state_dict
+from moe_train.parallel.mesh import build_mesh
+from moe_train.training.trainer import Trainer
+from multiproc import run_ranks
+
+SMALL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.d_ff=64",
+         "moe.num_experts=4", "moe.d_ff=32", "train.seq_len=32", "train.batch_size=8", "train.progress=false",
+         "data.embedded_size=100000", "train.eval_every=0", "train.log_every=1", "train.max_steps=5",
+         "optim.warmup_steps=2", "moe.min_capacity=0"]
+MICRO_BATCHES = 4  # per optimizer step, over all ranks: micro-batch size 2
+MODES = {"capacity": ["moe.capacity_factor=1.0"], "dropless": ["moe.capacity_factor=-1"]}
+
+
+def overrides(mode: str, dp: int, extra: tuple[str, ...] = ()) -> list[str]:
+    return [*SMALL, *MODES[mode], f"train.grad_accum_steps={MICRO_BATCHES // dp}", *extra]
+
+
+def make_trainer(args: list[str], world_size: int, rank: int, run_dir: pathlib.Path) -> Trainer:
+    cfg = compose_config(args)
+    dims = validate_config(cfg, world_size=world_size)
+    ctx = ParallelContext.single() if world_size == 1 else ParallelContext(rank, dims, build_mesh(dims, "cpu"))
+    return Trainer(cfg, run_dir, ctx)
+
+
+def first_step_grads(trainer: Trainer) -> dict[str, torch.Tensor]:
+    trainer.compute_gradients()
+    grads = {name: p.grad for name, p in trainer.model.named_parameters()}
+    return full_state_dict_like(trainer, grads)
+
+
+def full_state_dict_like(trainer: Trainer, grads: dict) -> dict:
+    """Gather sharded expert gradients the way full_state_dict gathers weights (collective)."""
+    class Holder(torch.nn.Module):
+        def state_dict(self, *a, **k):
+            return dict(grads)
+    return full_state_dict(Holder(), trainer.group("ep"), trainer.ctx.dims.ep)
+
+
+def train_layout(rank: int, world_size: int, args: list[str], run_dir: str) -> dict:
+    torch.manual_seed(0)
+    grads = first_step_grads(make_trainer(args, world_size, rank, pathlib.Path(run_dir) / "grads"))
+    make_trainer(args, world_size, rank, pathlib.Path(run_dir) / "run").train()
+    losses = None
+    if rank == 0:
+        lines = (pathlib.Path(run_dir) / "run" / "metrics.jsonl").read_text().splitlines()
+        losses = [json.loads(line)["loss"] for line in lines]
+    return {"grads": grads, "losses": losses}
+
+
+@pytest.fixture(scope="module")
+def single_process(tmp_path_factory):
+    cache = {}
+
+    def get(mode: str, extra: tuple[str, ...] = ()) -> dict:
+        if (mode, extra) not in cache:
+            cache[mode, extra] = train_layout(0, 1, overrides(mode, 1, extra), str(tmp_path_factory.mktemp(mode)))
+        return cache[mode, extra]
+    return get
+
+
+LAYOUTS = [  # (world size, extra overrides)
+    (2, ()),                     # dp2
+    (2, ("parallel.ep=2",)),     # ep2 (dp2 x ep2)
+    (4, ("parallel.ep=2",)),     # dp4 with ep2
+]
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+@pytest.mark.parametrize("world_size,extra", LAYOUTS, ids=["dp2", "dp2_ep2", "dp4_ep2"])
+def test_layout_equals_single_process(single_process, tmp_path, mode, world_size, extra):
+    dp = world_size
+    results = run_ranks(world_size, train_layout, overrides(mode, dp, extra), str(tmp_path))
+    ref = single_process(mode)
+    assert results[0]["losses"] == pytest.approx(ref["losses"], abs=1e-5) and len(ref["losses"]) == 5
+    for res in results:
+        for name, g in ref["grads"].items():
+            assert torch.allclose(res["grads"][name], g, atol=1e-6, rtol=1e-5), name
