@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
+import torch.distributed._functional_collectives as funcol
 from torch import nn
 
 from moe_train.models.moe.dispatch import ExpertBatch, LocalDispatcher
@@ -23,11 +23,12 @@ from moe_train.models.moe.experts import GroupedExperts
 from moe_train.models.moe.routing import DispatchPlan
 
 
-def all_to_all(x: torch.Tensor, group: dist.ProcessGroup, out_rows: int, send: list[int] | None = None,
+def all_to_all(x: torch.Tensor, group: dist.ProcessGroup, send: list[int] | None = None,
                recv: list[int] | None = None) -> torch.Tensor:
-    """Collective: differentiable all_to_all_single over dim 0 (its backward is the reverse exchange)."""
-    out = x.new_empty((out_rows, *x.shape[1:]))
-    return dist_nn.all_to_all_single(out, x.contiguous(), recv, send, group=group)
+    """Collective: differentiable all_to_all_single over dim 0 (its backward is the reverse exchange); equal
+    splits when send/recv are None. Waits for the result (no overlap yet)."""
+    out = funcol.all_to_all_single_autograd(x.contiguous(), recv, send, group)
+    return funcol.wait_tensor(out) if isinstance(out, funcol.AsyncCollectiveTensor) else out
 
 
 def exchange_counts(counts_E: torch.Tensor, group: dist.ProcessGroup, ep: int) -> torch.Tensor:
@@ -60,11 +61,11 @@ class AllToAllDispatcher(LocalDispatcher):
     def token_dispatch(self, x: torch.Tensor, plan: DispatchPlan) -> Any:
         counts_PL = exchange_counts(plan.counts_E, self.group, self.ep)  # collective
         if plan.capacity is not None:
-            return all_to_all(x.view(-1, x.shape[-1]), self.group, plan.num_experts * plan.capacity), counts_PL, None
+            return all_to_all(x.view(-1, x.shape[-1]), self.group), counts_PL, None
         send = plan.counts_E.view(self.ep, -1).sum(1).tolist()  # host sync: split sizes
         counts = counts_PL.tolist()  # host sync
         recv = [sum(row) for row in counts]
-        received = all_to_all(x, self.group, sum(recv), send, recv)  # collective
+        received = all_to_all(x, self.group, send, recv)  # collective
         return received, counts_PL, (send, recv, expert_major_order(counts).to(x.device))
 
     def dispatch_postprocess(self, x: Any, plan: DispatchPlan) -> ExpertBatch:
@@ -85,8 +86,8 @@ class AllToAllDispatcher(LocalDispatcher):
     def token_combine(self, y: torch.Tensor, plan: DispatchPlan, batch: ExpertBatch) -> torch.Tensor:
         if plan.capacity is None:
             send, recv, _ = batch.meta
-            return all_to_all(y, self.group, sum(send), recv, send)  # collective: the reverse exchange
-        out = all_to_all(y, self.group, y.shape[0])  # collective
+            return all_to_all(y, self.group, recv, send)  # collective: the reverse exchange
+        out = all_to_all(y, self.group)  # collective
         return out.view(plan.num_experts, plan.capacity, -1)
 
 
@@ -117,6 +118,6 @@ def full_state_dict(model: nn.Module, group: dist.ProcessGroup | None, ep: int) 
     for name, t in state.items():
         if ".moe.experts." in name:
             full = t.new_empty((t.shape[0] * ep, *t.shape[1:]))
-            dist.all_gather_into_tensor(full, t.contiguous(), group=group)
+            dist.all_gather_single(full, t.contiguous(), group=group)
             state[name] = full
     return state
