@@ -12,9 +12,10 @@ from multiproc import run_ranks
 T, D = 12, 16
 
 
-def inputs(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+def inputs(rank: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(100 + rank)
-    return torch.randn(T, D, generator=g), torch.randn(T, D, generator=g)
+    x = torch.randn(T, D, generator=g)
+    return (x.abs() if mode == "skewed" else x), torch.randn(T, D, generator=g)
 
 
 def layer_for(mode: str):
@@ -22,8 +23,9 @@ def layer_for(mode: str):
     cf = {"capacity": 1.0, "dropless": -1.0, "skewed": -1.0}[mode]
     layer = make_layer(d_model=D, num_experts=4, top_k=2, capacity_factor=cf, min_capacity=0)
     if mode == "skewed":  # every token picks experts 0 and 1: rank 1's experts receive no rows at all
-        with torch.no_grad():
-            layer.router.weight.zero_()  # all logits tie; top-k keeps the lowest ids
+        with torch.no_grad():  # with positive inputs, experts 0 and 1 always have the larger logits
+            layer.router.weight[:2] = 0.1
+            layer.router.weight[2:] = -0.1
     return layer
 
 
@@ -36,7 +38,7 @@ def run_ep_layer(rank: int, world_size: int, mode: str) -> dict:
     model = torch.nn.Module()
     model.moe_layers = lambda: [layer]
     apply_ep(model, dist.group.WORLD, rank, world_size)
-    x, g = inputs(rank)
+    x, g = inputs(rank, mode)
     out, aux = layer(x)
     ((out * g).sum() + aux).backward()
     return {"out": out.detach(), "router": layer.router.weight.grad, "w1": layer.experts.w1.grad,
@@ -47,7 +49,7 @@ def reference(mode: str, world_size: int) -> tuple[list[torch.Tensor], dict]:
     layer = layer_for(mode)
     outs = []
     for rank in range(world_size):
-        x, g = inputs(rank)
+        x, g = inputs(rank, mode)
         out, aux = layer(x)
         ((out * g).sum() + aux).backward()
         outs.append(out.detach())
