@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # Single-node launch with the DeepSpeed launcher (it passes --local_rank, which moe_train drops before Hydra).
 #   NPROC=2 launch/deepspeed.sh parallel.ep=2 hydra.run.dir=runs/ep2
-# On CPU, DeepSpeed starts gloo ranks; set DS_SKIP_SHM=1 to skip the ~26 s JIT build of its shared-memory op.
 set -euo pipefail
 NPROC=${NPROC:-$( (command -v nvidia-smi >/dev/null && nvidia-smi -L | wc -l) || echo 2)}
 MASTER_PORT=${MASTER_PORT:-29500}
