@@ -89,3 +89,32 @@ def test_layout_equals_single_process(single_process, tmp_path, mode, world_size
     for res in results:
         for name, g in ref["grads"].items():
             assert torch.allclose(res["grads"][name], g, atol=1e-6, rtol=1e-5), name
+
+
+def ep_footprint(rank: int, world_size: int, args: list[str], run_dir: str) -> dict:
+    """Expert parameter and optimizer-state bytes on this rank, and the logged all-to-all bytes."""
+    from moe_train.parallel.data_parallel import split_expert_params
+
+    trainer = make_trainer(args, world_size, rank, pathlib.Path(run_dir))
+    trainer.train()
+    dense, expert = split_expert_params(trainer.model)
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    state = trainer.optimizer.state
+    lines = (pathlib.Path(run_dir) / "metrics.jsonl").read_text().splitlines() if rank == 0 else []
+    return {"dense": nbytes(dense), "expert": nbytes(expert),
+            "expert_optim": nbytes(v for p in expert for v in state[p].values() if torch.is_tensor(v) and v.ndim),
+            "a2a": [json.loads(line)["a2a_bytes_per_step"] for line in lines]}
+
+
+def test_expert_bytes_per_rank_are_one_over_ep_and_a2a_bytes_match_the_formula(tmp_path):
+    from moe_train.parallel.expert_parallel import capacity_a2a_bytes
+
+    args = overrides("capacity", 2, ("parallel.ep=2", "train.max_steps=2"))
+    single = ep_footprint(0, 1, overrides("capacity", 1, ("train.max_steps=2",)), str(tmp_path / "one"))
+    ranks = run_ranks(2, ep_footprint, args, str(tmp_path / "ep2"))
+    for res in ranks:
+        assert res["dense"] == single["dense"]
+        assert res["expert"] * 2 == single["expert"] and res["expert_optim"] * 2 == single["expert_optim"]
+    # micro-batch 2 x 32 tokens, k=2, E=4, cf 1.0 -> C = 32; 2 MoE layers, 2 micro-batches per rank, D=32, fp32
+    expected = capacity_a2a_bytes(2, 2, 4, 32, 32, 2, 4)
+    assert ranks[0]["a2a"] == [expected, expected] and single["a2a"] == [0, 0]

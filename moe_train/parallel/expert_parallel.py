@@ -23,12 +23,38 @@ from moe_train.models.moe.experts import GroupedExperts
 from moe_train.models.moe.routing import DispatchPlan
 
 
+class CommCounter:
+    """Bytes this rank sends to other ranks in all-to-all exchanges, forward and backward (host-side arithmetic on
+    shapes and split sizes already known: no sync)."""
+
+    def __init__(self):
+        self.bytes_sent = 0
+
+    def take(self) -> int:
+        sent, self.bytes_sent = self.bytes_sent, 0
+        return sent
+
+
+def _bytes_to_others(x: torch.Tensor, splits: list[int] | None, rank: int, size: int) -> int:
+    row_bytes = x[0].numel() * x.element_size() if x.shape[0] else 0
+    rows = sum(splits) - splits[rank] if splits is not None else x.shape[0] * (size - 1) // size
+    return rows * row_bytes
+
+
 def all_to_all(x: torch.Tensor, group: dist.ProcessGroup, send: list[int] | None = None,
-               recv: list[int] | None = None) -> torch.Tensor:
+               recv: list[int] | None = None, counter: CommCounter | None = None) -> torch.Tensor:
     """Collective: differentiable all_to_all_single over dim 0 (its backward is the reverse exchange); equal
-    splits when send/recv are None. Waits for the result (no overlap yet)."""
+    splits when send/recv are None. Waits for the result (no overlap yet). The counter gets the bytes sent to other
+    ranks now and, through a gradient hook, those of the reverse exchange in backward."""
     out = funcol.all_to_all_single_autograd(x.contiguous(), recv, send, group)
-    return funcol.wait_tensor(out) if isinstance(out, funcol.AsyncCollectiveTensor) else out
+    out = funcol.wait_tensor(out) if isinstance(out, funcol.AsyncCollectiveTensor) else out
+    if counter is not None:
+        rank, size = dist.get_rank(group), dist.get_world_size(group)
+        counter.bytes_sent += _bytes_to_others(x, send, rank, size)
+        if out.requires_grad:
+            back = _bytes_to_others(out, recv, rank, size)
+            out.register_hook(lambda grad: setattr(counter, "bytes_sent", counter.bytes_sent + back))
+    return out
 
 
 def exchange_counts(counts_E: torch.Tensor, group: dist.ProcessGroup, ep: int) -> torch.Tensor:
@@ -55,17 +81,18 @@ class AllToAllDispatcher(LocalDispatcher):
     """Capacity: equal-split all-to-all of the [E, C, D] buffer, local experts run on [L, P*C, D].
     Dropless: per-expert counts exchanged first (a host sync), then a variable-split all-to-all."""
 
-    def __init__(self, group: dist.ProcessGroup, ep: int):
+    def __init__(self, group: dist.ProcessGroup, ep: int, counter: CommCounter | None = None):
         self.group, self.ep = group, ep
+        self.counter = counter if counter is not None else CommCounter()
 
     def token_dispatch(self, x: torch.Tensor, plan: DispatchPlan) -> Any:
         counts_PL = exchange_counts(plan.counts_E, self.group, self.ep)  # collective
         if plan.capacity is not None:
-            return all_to_all(x.view(-1, x.shape[-1]), self.group), counts_PL, None
+            return all_to_all(x.view(-1, x.shape[-1]), self.group, counter=self.counter), counts_PL, None
         send = plan.counts_E.view(self.ep, -1).sum(1).tolist()  # host sync: split sizes
         counts = counts_PL.tolist()  # host sync
         recv = [sum(row) for row in counts]
-        received = all_to_all(x, self.group, send, recv)  # collective
+        received = all_to_all(x, self.group, send, recv, self.counter)  # collective
         return received, counts_PL, (send, recv, expert_major_order(counts).to(x.device))
 
     def dispatch_postprocess(self, x: Any, plan: DispatchPlan) -> ExpertBatch:
@@ -86,8 +113,8 @@ class AllToAllDispatcher(LocalDispatcher):
     def token_combine(self, y: torch.Tensor, plan: DispatchPlan, batch: ExpertBatch) -> torch.Tensor:
         if plan.capacity is None:
             send, recv, _ = batch.meta
-            return all_to_all(y, self.group, recv, send)  # collective: the reverse exchange
-        out = all_to_all(y, self.group)  # collective
+            return all_to_all(y, self.group, recv, send, self.counter)  # collective: the reverse exchange
+        out = all_to_all(y, self.group, counter=self.counter)  # collective
         return out.view(plan.num_experts, plan.capacity, -1)
 
 
@@ -100,13 +127,22 @@ def shard_experts(experts: GroupedExperts, ep_rank: int, ep: int) -> None:
             setattr(experts, name, nn.Parameter(w.detach()[ep_rank * local:(ep_rank + 1) * local].clone()))
 
 
-def apply_ep(model: nn.Module, group: dist.ProcessGroup | None, ep_rank: int, ep: int) -> None:
-    """Shard every MoE layer's experts over the ep ranks and install the all-to-all dispatcher."""
+def apply_ep(model: nn.Module, group: dist.ProcessGroup | None, ep_rank: int, ep: int,
+             counter: CommCounter | None = None) -> None:
+    """Shard every MoE layer's experts over the ep ranks and install the all-to-all dispatcher (all layers share
+    `counter`)."""
     if ep == 1:
         return
     for moe in model.moe_layers():
         shard_experts(moe.experts, ep_rank, ep)
-        moe.dispatcher = AllToAllDispatcher(group, ep)
+        moe.dispatcher = AllToAllDispatcher(group, ep, counter)
+
+
+def capacity_a2a_bytes(num_moe_layers: int, micro_batches: int, num_experts: int, capacity: int, d_model: int,
+                       ep: int, element_size: int) -> int:
+    """Bytes one rank sends per optimizer step in capacity mode: per layer and micro-batch, four exchanges (dispatch
+    and combine, forward and backward) of the [E, C, D] buffer, of which the (ep - 1) / ep going to other ranks."""
+    return 4 * num_moe_layers * micro_batches * num_experts * (ep - 1) // ep * capacity * d_model * element_size
 
 
 def full_state_dict(model: nn.Module, group: dist.ProcessGroup | None, ep: int) -> dict:

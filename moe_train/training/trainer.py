@@ -21,7 +21,7 @@ from moe_train.data import DataBundle, build_data
 from moe_train.models.transformer import Transformer, build_model
 from moe_train.parallel.context import ParallelContext
 from moe_train.parallel.data_parallel import clip_grad_norm, reduce_gradients
-from moe_train.parallel.expert_parallel import apply_ep
+from moe_train.parallel.expert_parallel import CommCounter, apply_ep
 from moe_train.training.loggers import Console, MetricsFile, Progress, build_logger
 from moe_train.training.moe_stats import MoEStatsAccumulator
 from moe_train.training.optim import build_optimizer, build_scheduler
@@ -48,6 +48,7 @@ class Trainer:
         self.rank = self.ctx.rank
         self.console = Console(self.rank)
         self.device = device if device is not None else resolve_device(cfg.train.device)
+        self.comm = CommCounter()
         torch.manual_seed(cfg.train.seed)  # init and every random routing choice follow the seed
         self.data = self.build_data()
         self.model = self.build_model()
@@ -78,7 +79,7 @@ class Trainer:
             raise ValueError(f"model.vocab_size={vocab} is smaller than the vocabulary of "
                              f"data.tokenizer={self.cfg.data.tokenizer!r} ({self.data.vocab_size} tokens)")
         model = build_model(self.cfg.model, self.cfg.moe, self.device)
-        apply_ep(model, self.group("ep"), self.ctx.ep_rank, self.ctx.dims.ep)
+        apply_ep(model, self.group("ep"), self.ctx.ep_rank, self.ctx.dims.ep, self.comm)
         return model
 
     def autocast(self):
@@ -163,6 +164,7 @@ class Trainer:
         loss, grad_norm, lr = self.train_step(collect_stats=log_now)
         self.step = step
         window.tokens += self.cfg.train.batch_size * self.cfg.train.seq_len
+        window.steps += 1
         if log_now:
             last = self.log_step(step, loss, grad_norm, lr, window)
             progress.update(0, loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
@@ -182,6 +184,7 @@ class Trainer:
             raise FloatingPointError(f"training loss is {values[0]} at step {step}; lower optim.lr={self.cfg.optim.lr} "
                                      f"or enable optim.grad_clip")
         record = {"step": step, "loss": values[0], **self.stats.read(), "lr": lr, "grad_norm": values[1],
+                  "a2a_bytes_per_step": self.comm.take() / max(1, window.steps),  # rank 0's
                   "tokens_per_s": window.rate(time.perf_counter())}
         self.stats.reset()
         self.metrics.write(record)
@@ -189,7 +192,9 @@ class Trainer:
         return record
 
     def log_eval(self, step: int) -> float:
+        sent = self.comm.bytes_sent
         val_loss = self.evaluate()
+        self.comm.bytes_sent = sent  # a2a_bytes_per_step counts training exchanges only
         record = {"step": step, "val_loss": val_loss}
         self.metrics.write(record)
         self.logger.log(record, step)
@@ -206,12 +211,12 @@ class Window:
     """Tokens and training wall time since the last logged step (evaluation time excluded)."""
 
     def __init__(self, start: float):
-        self.start, self.tokens, self.excluded = start, 0, 0.0
+        self.start, self.tokens, self.steps, self.excluded = start, 0, 0, 0.0
 
     def exclude(self, seconds: float) -> None:
         self.excluded += seconds
 
     def rate(self, now: float) -> float:
         rate = self.tokens / max(now - self.start - self.excluded, 1e-9)
-        self.start, self.tokens, self.excluded = now, 0, 0.0
+        self.start, self.tokens, self.steps, self.excluded = now, 0, 0, 0.0
         return rate
