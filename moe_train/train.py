@@ -26,7 +26,8 @@ from moe_train.cli_config import CONF_DIR, exit_on_config_error
 from moe_train.config.schema import Config, validate_config
 from moe_train.config.store import register_configs
 from moe_train.interop.hf import save_weights
-from moe_train.parallel.context import ParallelContext, init_parallel, read_launch_env, shutdown
+from moe_train.parallel.context import (ParallelContext, collective_failure_message, init_parallel,
+                                        is_collective_failure, read_launch_env, shutdown)
 from moe_train.parallel.expert_parallel import full_state_dict
 from moe_train.training.trainer import Trainer, resolve_device
 
@@ -67,13 +68,19 @@ def finish(trainer: Trainer, ctx: ParallelContext, last: dict) -> None:
 def hydra_main(dcfg: DictConfig) -> Optional[float]:
     with exit_on_config_error("moe-train"):
         trainer, ctx = setup(dcfg, Path(HydraConfig.get().runtime.output_dir))
+    if ctx.is_rank0:
+        (trainer.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(dcfg, resolve=True))
     try:
-        if ctx.is_rank0:
-            (trainer.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(dcfg, resolve=True))
         last = trainer.train()
         finish(trainer, ctx, last)
-    finally:
-        shutdown(ctx)
+    except RuntimeError as exc:  # a peer died or timed out: say so and leave, never hang
+        if ctx.groups is None or not is_collective_failure(exc):
+            raise
+        print(f"moe-train: error: {collective_failure_message(exc, ctx, trainer.cfg.parallel.timeout_s)}",
+              file=sys.stderr)
+        shutdown(ctx, clean=False)
+        sys.exit(1)
+    shutdown(ctx)
     return last.get("val_loss", last.get("loss"))
 
 

@@ -40,7 +40,9 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, ou
         dist.destroy_process_group()
 
 
-def run_ranks(world_size: int, fn: Callable, *args: Any, timeout: float = 240.0) -> list[Any]:
+def run_ranks(world_size: int, fn: Callable, *args: Any, timeout: float = 240.0,
+              may_die: frozenset[int] = frozenset()) -> list[Any]:
+    """Results of every rank (None for a rank in `may_die` that exited without reporting)."""
     ctx = mp.get_context("spawn")
     status = ctx.Queue()
     with tempfile.TemporaryDirectory() as out_dir:
@@ -50,14 +52,15 @@ def run_ranks(world_size: int, fn: Callable, *args: Any, timeout: float = 240.0)
         for p in procs:
             p.start()
         try:
-            _wait(status, world_size, time.monotonic() + timeout)
+            _wait(status, world_size - len(may_die), time.monotonic() + timeout)
         finally:
             _stop(procs)
-        return [torch.load(pathlib.Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+        paths = [pathlib.Path(out_dir) / f"rank{r}.pt" for r in range(world_size)]
+        return [torch.load(p, weights_only=False) if p.exists() else None for p in paths]
 
 
-def _wait(status, world_size: int, deadline: float) -> None:
-    for _ in range(world_size):
+def _wait(status, expected: int, deadline: float) -> None:
+    for _ in range(expected):
         try:
             rank, error = status.get(timeout=max(0.1, deadline - time.monotonic()))
         except queue.Empty:

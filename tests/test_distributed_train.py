@@ -118,3 +118,36 @@ def test_expert_bytes_per_rank_are_one_over_ep_and_a2a_bytes_match_the_formula(t
     # micro-batch 2 x 32 tokens, k=2, E=4, cf 1.0 -> C = 32; 2 MoE layers, 2 micro-batches per rank, D=32, fp32
     expected = capacity_a2a_bytes(2, 2, 4, 32, 32, 2, 4)
     assert ranks[0]["a2a"] == [expected, expected] and single["a2a"] == [0, 0]
+
+
+def die_mid_run(rank: int, world_size: int, args: list[str], run_dir: str) -> dict:
+    """Rank 1 exits abruptly during step 3; rank 0 must fail fast with a collective error, not hang."""
+    import os
+    import time
+
+    trainer = make_trainer(args, world_size, rank, pathlib.Path(run_dir))
+    step = trainer.run_one_step
+
+    def maybe_die(*a, **k):
+        if rank == 1 and trainer.step == 2:
+            os._exit(1)
+        return step(*a, **k)
+
+    trainer.run_one_step = maybe_die
+    start = time.monotonic()
+    try:
+        trainer.train()
+    except Exception as exc:  # noqa: BLE001 - the point of the test
+        return {"error": exc, "seconds": time.monotonic() - start}
+    return {"error": None}
+
+
+def test_a_dead_rank_makes_the_others_fail_fast_with_a_clear_error(tmp_path):
+    from moe_train.parallel.context import ParallelContext, collective_failure_message, is_collective_failure
+    args = overrides("dropless", 2, ("parallel.ep=2", "parallel.timeout_s=30", "train.max_steps=20"))
+    survivor = run_ranks(2, die_mid_run, args, str(tmp_path), may_die=frozenset({1}))[0]
+    assert is_collective_failure(survivor["error"]), survivor
+    assert not is_collective_failure(RuntimeError("shape mismatch")) and not is_collective_failure(ValueError("x"))
+    assert survivor["seconds"] < 30
+    message = collective_failure_message(survivor["error"], ParallelContext.single(), 30)
+    assert "another rank exited or stopped responding" in message and "parallel.timeout_s=30" in message

@@ -86,8 +86,27 @@ def init_parallel(env: LaunchEnv, dims: ParallelDims, device: torch.device, time
     return ParallelContext(env.rank, dims, build_mesh(dims, device.type))
 
 
-def shutdown(ctx: ParallelContext) -> None:
-    """Ranks must leave together (a rank exiting alone can abort the others' gloo teardown)."""
+def shutdown(ctx: ParallelContext, clean: bool = True) -> None:
+    """Ranks must leave together (a rank exiting alone can abort the others' gloo teardown); after a failed
+    collective there is nobody to wait for, so only the local state is torn down."""
     if ctx.groups is not None and dist.is_initialized():
-        dist.barrier()
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
+
+
+COLLECTIVE_FAILURE_MARKERS = ("gloo", "nccl", "connection closed", "connection reset", "timed out", "timeout")
+
+
+def is_collective_failure(exc: BaseException) -> bool:
+    """torch raises DistError subclasses for NCCL and store failures, but gloo transport errors are plain
+    RuntimeErrors: recognise those by the transport's wording."""
+    text = str(exc).lower()
+    return isinstance(exc, dist.DistError) or (isinstance(exc, RuntimeError)
+                                                and any(m in text for m in COLLECTIVE_FAILURE_MARKERS))
+
+
+def collective_failure_message(exc: BaseException, ctx: ParallelContext, timeout_s: float) -> str:
+    return (f"rank {ctx.rank}: a collective failed, so another rank exited or stopped responding (the wait is "
+            f"bounded by parallel.timeout_s={timeout_s:g}); stopping this rank. Cause: "
+            f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
