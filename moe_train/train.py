@@ -28,7 +28,7 @@ from moe_train.config.store import register_configs
 from moe_train.interop.hf import save_weights
 from moe_train.parallel.context import (ParallelContext, collective_failure_message, init_parallel,
                                         is_collective_failure, read_launch_env, shutdown)
-from moe_train.parallel.expert_parallel import full_state_dict
+from moe_train.parallel.parallelize import full_state_dict
 from moe_train.training.trainer import Trainer, resolve_device
 
 # Ranks other than 0 must not create their own ${now} directories or Hydra logs.
@@ -56,7 +56,7 @@ def agree_on_run_dir(run_dir: Path, ctx: ParallelContext) -> Path:
 
 
 def finish(trainer: Trainer, ctx: ParallelContext, last: dict) -> None:
-    state = full_state_dict(trainer.model, trainer.group("ep"), ctx.dims.ep)  # collective
+    state = full_state_dict(trainer.model, ctx)  # collective
     if ctx.is_rank0:
         save_weights(trainer.model, trainer.run_dir / "weights.safetensors", state)  # for moe-train-convert to-hf
     trainer.console.print0(f"done: step {trainer.step}, loss {last.get('loss', float('nan')):.4f}"

@@ -12,7 +12,7 @@ import torch
 from moe_train.cli_config import compose_config
 from moe_train.config import validate_config
 from moe_train.parallel.context import ParallelContext
-from moe_train.parallel.expert_parallel import full_state_dict
+from moe_train.parallel.parallelize import full_state_dict
 from moe_train.parallel.mesh import build_mesh
 from moe_train.training.trainer import Trainer
 from multiproc import run_ranks
@@ -43,11 +43,16 @@ def first_step_grads(trainer: Trainer) -> dict[str, torch.Tensor]:
 
 
 def full_state_dict_like(trainer: Trainer, grads: dict) -> dict:
-    """Gather sharded expert gradients the way full_state_dict gathers weights (collective)."""
-    class Holder(torch.nn.Module):
-        def state_dict(self, *a, **k):
-            return dict(grads)
-    return full_state_dict(Holder(), trainer.group("ep"), trainer.ctx.dims.ep)
+    """Gather split gradients the way full_state_dict gathers weights (collective): swap them in as the data."""
+    params = dict(trainer.model.named_parameters())
+    saved = {name: p.data for name, p in params.items()}
+    for name, p in params.items():
+        p.data = grads[name]
+    try:
+        return full_state_dict(trainer.model, trainer.ctx)
+    finally:
+        for name, p in params.items():
+            p.data = saved[name]
 
 
 def train_layout(rank: int, world_size: int, args: list[str], run_dir: str) -> dict:
@@ -72,17 +77,21 @@ def single_process(tmp_path_factory):
     return get
 
 
-LAYOUTS = [  # (world size, extra overrides)
-    (2, ()),                     # dp2
-    (2, ("parallel.ep=2",)),     # ep2 (dp2 x ep2)
-    (4, ("parallel.ep=2",)),     # dp4 with ep2
-]
+LAYOUTS = {  # name: (world size, data-parallel size, extra overrides)
+    "dp2": (2, 2, ()),
+    "ep2": (2, 2, ("parallel.ep=2",)),
+    "tp2": (2, 1, ("parallel.tp=2",)),
+    "tp2_expert_tp": (2, 1, ("parallel.tp=2", "parallel.expert_tp=true")),
+    "dp4_ep2": (4, 4, ("parallel.ep=2",)),
+    "dp2_tp2": (4, 2, ("parallel.tp=2",)),
+    "dp2_tp2_ep2": (4, 2, ("parallel.tp=2", "parallel.ep=2")),
+}
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))
-@pytest.mark.parametrize("world_size,extra", LAYOUTS, ids=["dp2", "dp2_ep2", "dp4_ep2"])
-def test_layout_equals_single_process(single_process, tmp_path, mode, world_size, extra):
-    dp = world_size
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_layout_equals_single_process(single_process, tmp_path, mode, layout):
+    world_size, dp, extra = LAYOUTS[layout]
     results = run_ranks(world_size, train_layout, overrides(mode, dp, extra), str(tmp_path))
     ref = single_process(mode)
     assert results[0]["losses"] == pytest.approx(ref["losses"], abs=1e-5) and len(ref["losses"]) == 5

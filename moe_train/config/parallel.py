@@ -36,6 +36,3 @@ def validate_parallel_config(cfg: ParallelConfig) -> None:
         raise ValueError(f"parallel.backend={cfg.backend!r} is not supported; allowed: {', '.join(BACKENDS)}")
     if not cfg.timeout_s > 0:
         raise ValueError(f"parallel.timeout_s={cfg.timeout_s} must be > 0 seconds")
-    if cfg.tp != 1 or cfg.expert_tp:
-        raise ValueError(f"parallel.tp={cfg.tp}, parallel.expert_tp={cfg.expert_tp}: tensor parallelism is not "
-                         f"available yet; allowed: parallel.tp=1, parallel.expert_tp=false")

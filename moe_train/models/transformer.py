@@ -22,7 +22,6 @@ from torch import nn
 
 from moe_train.config.model import ModelConfig, validate_model_config
 from moe_train.config.moe import MoEConfig
-from moe_train.models.moe.activations import expert_mlp
 from moe_train.models.moe.layer import MoELayer
 
 
@@ -59,9 +58,11 @@ class Attention(nn.Module):
 
     def forward(self, x_BSD: torch.Tensor, cos_SK: torch.Tensor, sin_SK: torch.Tensor) -> torch.Tensor:
         B, S, _ = x_BSD.shape
-        q = self.wq(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        # Head counts come from the projections' widths: under tensor parallelism each rank holds a slice of the
+        # heads (same ratio n_heads / n_kv_heads), and this code does not need to know it.
+        q = self.wq(x_BSD).view(B, S, -1, self.head_dim).transpose(1, 2)
+        k = self.wk(x_BSD).view(B, S, -1, self.head_dim).transpose(1, 2)
+        v = self.wv(x_BSD).view(B, S, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos_SK, sin_SK), apply_rope(k, cos_SK, sin_SK)
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(o.transpose(1, 2).reshape(B, S, -1))
@@ -81,7 +82,8 @@ class FeedForward(nn.Module):
             nn.init.normal_(linear.weight, std=std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return expert_mlp(x, self.w1.weight, self.w2.weight, self.w3.weight, "swiglu")
+        # Module calls (not functional on .weight) so that tensor parallelism can wrap each projection.
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class TransformerBlock(nn.Module):

@@ -51,17 +51,36 @@ def reduce_gradients(model: nn.Module, dp_group, edp_group, dp: int) -> None:
     _all_reduce_flat([p.grad for p in expert], edp_group, 1.0 / dp)
 
 
-def clip_grad_norm(model: nn.Module, max_norm: float, ep_group: dist.ProcessGroup | None) -> torch.Tensor:
-    """Global L2 norm of all gradients (experts are partitioned over the ep ranks, so their squares are summed over
-    the ep group: collective), and torch's clipping rule: scale by min(1, max_norm / (norm + 1e-6)).
-    Call after `reduce_gradients`: dense gradients are then equal on every rank. max_norm <= 0: no clipping."""
+
+
+def shard_groups(param: nn.Parameter, is_expert: bool) -> tuple[str, ...]:
+    """Mesh dimensions this parameter is partitioned over: experts over ep, tp-split weights over tp."""
+    return (("ep",) if is_expert else ()) + (("tp",) if hasattr(param, "tp_shard_dim") else ())
+
+
+def _squares_by_partition(model: nn.Module) -> tuple[dict[tuple[str, ...], torch.Tensor], list[torch.Tensor]]:
     dense, expert = split_expert_params(model)
-    grads = [[p.grad for p in group if p.grad is not None] for group in (dense, expert)]
-    sq = torch.stack([sum((g.float().pow(2).sum() for g in gs), torch.zeros(())) for gs in grads])
-    if ep_group is not None:
-        dist.all_reduce(sq[1:], group=ep_group)
-    norm = sq.sum().sqrt()
+    sums: dict[tuple[str, ...], torch.Tensor] = {}
+    grads = []
+    for params, is_expert in ((dense, False), (expert, True)):
+        for p in (p for p in params if p.grad is not None):
+            key = shard_groups(p, is_expert)
+            sums[key] = sums.get(key, 0) + p.grad.float().pow(2).sum()
+            grads.append(p.grad)
+    return sums, grads
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float, groups) -> torch.Tensor:
+    """Global L2 norm of all gradients and torch's clipping rule: scale by min(1, max_norm / (norm + 1e-6)).
+    Squares of partitioned parameters are summed over their groups (collectives); replicated ones count once.
+    Call after `reduce_gradients`. max_norm <= 0: no clipping (the norm is still returned)."""
+    sums, grads = _squares_by_partition(model)
+    for key in sorted(sums):
+        for name in key:
+            group = getattr(groups, name) if groups is not None else None
+            if group is not None:
+                dist.all_reduce(sums[key], group=group)  # collective
+    norm = torch.stack([sums[key] for key in sorted(sums)]).sum().sqrt()
     if max_norm > 0:
-        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        torch._foreach_mul_(grads[0] + grads[1], coef)
+        torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
     return norm

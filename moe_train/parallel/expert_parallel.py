@@ -144,16 +144,3 @@ def capacity_a2a_bytes(num_moe_layers: int, micro_batches: int, num_experts: int
     and combine, forward and backward) of the [E, C, D] buffer, of which the (ep - 1) / ep going to other ranks."""
     return 4 * num_moe_layers * micro_batches * num_experts * (ep - 1) // ep * capacity * d_model * element_size
 
-
-def full_state_dict(model: nn.Module, group: dist.ProcessGroup | None, ep: int) -> dict:
-    """Collective over the ep group: the model's state dict with every sharded expert stack gathered to all E
-    experts (global expert order), as one process would hold it."""
-    state = model.state_dict()
-    if ep == 1:
-        return state
-    for name, t in state.items():
-        if ".moe.experts." in name:
-            full = t.new_empty((t.shape[0] * ep, *t.shape[1:]))
-            dist.all_gather_single(full, t.contiguous(), group=group)
-            state[name] = full
-    return state

@@ -21,7 +21,8 @@ from moe_train.data import DataBundle, build_data
 from moe_train.models.transformer import Transformer, build_model
 from moe_train.parallel.context import ParallelContext
 from moe_train.parallel.data_parallel import clip_grad_norm, reduce_gradients
-from moe_train.parallel.expert_parallel import CommCounter, apply_ep
+from moe_train.parallel.expert_parallel import CommCounter
+from moe_train.parallel.parallelize import parallelize
 from moe_train.training.loggers import Console, MetricsFile, Progress, build_logger
 from moe_train.training.moe_stats import MoEStatsAccumulator
 from moe_train.training.optim import build_optimizer, build_scheduler
@@ -72,14 +73,14 @@ class Trainer:
                           val_batches=t.eval_batches)
 
     def build_model(self) -> Transformer:
-        """Full model on every rank (same seed: same weights), then each rank keeps its experts.
-        Cost: the full expert stack is allocated once per rank before sharding."""
+        """Full model on every rank (same seed: same weights), then each rank keeps its part (parallelize).
+        Cost: the full model is allocated once per rank before sharding."""
         vocab = self.cfg.model.vocab_size
         if vocab < self.data.vocab_size:
             raise ValueError(f"model.vocab_size={vocab} is smaller than the vocabulary of "
                              f"data.tokenizer={self.cfg.data.tokenizer!r} ({self.data.vocab_size} tokens)")
         model = build_model(self.cfg.model, self.cfg.moe, self.device)
-        apply_ep(model, self.group("ep"), self.ctx.ep_rank, self.ctx.dims.ep, self.comm)
+        parallelize(model, self.ctx, self.cfg.parallel, self.comm)
         return model
 
     def autocast(self):
@@ -115,7 +116,7 @@ class Trainer:
             if collect_stats:
                 self.stats.add()
         reduce_gradients(self.model, self.group("dp"), self.group("edp"), self.ctx.dims.dp)  # collectives
-        grad_norm = clip_grad_norm(self.model, self.cfg.optim.grad_clip, self.group("ep"))  # collective
+        grad_norm = clip_grad_norm(self.model, self.cfg.optim.grad_clip, self.ctx.groups)  # collectives
         return loss_sum / accum, grad_norm
 
     @torch.no_grad()

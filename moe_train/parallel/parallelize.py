@@ -1,0 +1,46 @@
+"""`parallelize`: the one place where a model built for one process is turned into this rank's part of the
+layout, in a fixed order: tensor parallelism, then expert parallelism (they split different dimensions of the
+expert stacks: tp the width F, ep the expert dimension E)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moe_train.config.parallel import ParallelConfig
+from moe_train.models.moe.experts import GroupedExperts
+from moe_train.parallel.context import ParallelContext
+from moe_train.parallel.expert_parallel import CommCounter, apply_ep
+from moe_train.parallel.tensor_parallel import apply_tp
+
+
+def parallelize(model: nn.Module, ctx: ParallelContext, cfg: ParallelConfig, counter: CommCounter) -> None:
+    groups = ctx.groups
+    apply_tp(model, groups.tp if groups else None, ctx.tp_rank, ctx.dims.tp, cfg.expert_tp)
+    apply_ep(model, groups.ep if groups else None, ctx.ep_rank, ctx.dims.ep, counter)
+
+
+def full_state_dict(model: nn.Module, ctx: ParallelContext) -> dict:
+    """Collective: the state dict one process would hold, gathering tp-split weights (along their split dim)
+    and sharded expert stacks (along E, over ep)."""
+    state = model.state_dict()
+    if ctx.groups is None:
+        return state
+    expert_ids = {id(p) for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()}
+    for name, p in model.named_parameters():
+        t = p.detach()
+        if hasattr(p, "tp_shard_dim") and ctx.dims.tp > 1:
+            t = _gather(t, p.tp_shard_dim, ctx.groups.tp)
+        if id(p) in expert_ids and ctx.dims.ep > 1:
+            t = _gather(t, 0, ctx.groups.ep)
+        state[name] = t
+    return state
+
+
+def _gather(t: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
+    """Collective: every rank's `t` concatenated along `dim`, in rank order."""
+    moved = t.movedim(dim, 0).contiguous()
+    full = moved.new_empty((moved.shape[0] * dist.get_world_size(group), *moved.shape[1:]))
+    dist.all_gather_single(full, moved, group=group)
+    return full.movedim(0, dim).contiguous()
