@@ -1,10 +1,13 @@
 """Parallel layout (config key `parallel`): world = dp x tp, experts sharded over ep ranks (ep divides dp).
 
-The layout is checked against the world size and the model's shapes by moe_train.parallel.dims.resolve_dims."""
+`resolve_dims` checks the layout against the world size and the model's shapes and returns `ParallelDims`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from moe_train.config.model import ModelConfig
+from moe_train.config.moe import MoEConfig
 
 BACKENDS = ("auto", "nccl", "gloo")
 
@@ -36,3 +39,45 @@ def validate_parallel_config(cfg: ParallelConfig) -> None:
         raise ValueError(f"parallel.backend={cfg.backend!r} is not supported; allowed: {', '.join(BACKENDS)}")
     if not cfg.timeout_s > 0:
         raise ValueError(f"parallel.timeout_s={cfg.timeout_s} must be > 0 seconds")
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    dp: int
+    ep: int
+    tp: int
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.tp
+
+    @property
+    def edp(self) -> int:
+        """Expert-data-parallel size: replicas of each expert shard."""
+        return self.dp // self.ep
+
+
+def _infer_dp(cfg: ParallelConfig, world_size: int) -> int:
+    if cfg.tp < 1 or world_size % cfg.tp:
+        raise ValueError(f"parallel.tp={cfg.tp} must be >= 1 and divide the world size {world_size}")
+    dp = world_size // cfg.tp if cfg.dp == -1 else cfg.dp
+    if dp < 1 or dp * cfg.tp != world_size:
+        raise ValueError(f"parallel.dp={cfg.dp} x parallel.tp={cfg.tp} must equal the world size {world_size} "
+                         f"(set parallel.dp=-1 to infer it)")
+    return dp
+
+
+def resolve_dims(cfg: ParallelConfig, world_size: int, model: ModelConfig, moe: MoEConfig) -> ParallelDims:
+    """Validate the layout against the world size and the model's shapes; raise ValueError naming the values."""
+    dp = _infer_dp(cfg, world_size)
+    if cfg.ep < 1 or dp % cfg.ep:
+        raise ValueError(f"parallel.ep={cfg.ep} must be >= 1 and divide the data-parallel size {dp}")
+    if model.moe_every > 0 and moe.num_experts % cfg.ep:
+        raise ValueError(f"moe.num_experts={moe.num_experts} is not divisible by parallel.ep={cfg.ep}")
+    for name, value in (("model.n_heads", model.n_heads), ("model.n_kv_heads", model.n_kv_heads),
+                        ("model.d_ff", model.d_ff)):
+        if value % cfg.tp:
+            raise ValueError(f"{name}={value} is not divisible by parallel.tp={cfg.tp}")
+    if cfg.expert_tp and moe.d_ff % cfg.tp:
+        raise ValueError(f"moe.d_ff={moe.d_ff} is not divisible by parallel.tp={cfg.tp} (parallel.expert_tp=true)")
+    return ParallelDims(dp, cfg.ep, cfg.tp)

@@ -13,9 +13,8 @@ from moe_train.config.logging import LoggingConfig, validate_logging_config
 from moe_train.config.model import ModelConfig, validate_model_config
 from moe_train.config.moe import MoEConfig, validate_moe_config
 from moe_train.config.optim import OptimConfig, validate_optim_config
-from moe_train.config.parallel import ParallelConfig, validate_parallel_config
+from moe_train.config.parallel import ParallelConfig, ParallelDims, resolve_dims, validate_parallel_config
 from moe_train.config.train import TrainConfig, validate_train_config
-from moe_train.parallel.dims import ParallelDims, resolve_dims
 
 
 @dataclass

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from moe_train.parallel.dims import ParallelDims
+from moe_train.config.parallel import ParallelDims
 from moe_train.parallel.mesh import ParallelGroups, build_mesh
 
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")

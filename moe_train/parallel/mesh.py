@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from moe_train.parallel.dims import ParallelDims
+from moe_train.config.parallel import ParallelDims
 
 
 @dataclass
