@@ -56,9 +56,10 @@ def agree_on_run_dir(run_dir: Path, ctx: ParallelContext) -> Path:
 
 
 def finish(trainer: Trainer, ctx: ParallelContext, last: dict) -> None:
-    state = full_state_dict(trainer.model, ctx)  # collective
-    if ctx.is_rank0:
-        save_weights(trainer.model, trainer.run_dir / "weights.safetensors", state)  # for moe-train-convert to-hf
+    with trainer.gathered_parameters():  # collective under ZeRO 3
+        state = full_state_dict(trainer.model, ctx)  # collective
+        if ctx.is_rank0:
+            save_weights(trainer.model, trainer.run_dir / "weights.safetensors", state)  # for moe-train-convert to-hf
     trainer.console.print0(f"done: step {trainer.step}, loss {last.get('loss', float('nan')):.4f}"
                            + (f", val_loss {last['val_loss']:.4f}" if "val_loss" in last else "")
                            + f"; outputs in {trainer.run_dir}")

@@ -15,6 +15,7 @@ from moe_train.config.moe import MoEConfig, validate_moe_config
 from moe_train.config.optim import OptimConfig, validate_optim_config
 from moe_train.config.parallel import ParallelConfig, ParallelDims, resolve_dims, validate_parallel_config
 from moe_train.config.train import TrainConfig, validate_train_config
+from moe_train.config.zero import ZeroConfig, validate_zero_config
 
 
 @dataclass
@@ -27,6 +28,7 @@ class Config:
     logger: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
 
 
 def validate_config(cfg: Config, world_size: int = 1) -> ParallelDims:
@@ -40,6 +42,7 @@ def validate_config(cfg: Config, world_size: int = 1) -> ParallelDims:
     validate_logging_config(cfg.logger)
     validate_checkpoint_config(cfg.checkpoint)
     validate_parallel_config(cfg.parallel)
+    validate_zero_config(cfg.zero, cfg.parallel.ep, cfg.parallel.tp, world_size)
     dims = resolve_dims(cfg.parallel, world_size, cfg.model, cfg.moe)
     validate_cross(cfg, dims)
     return dims

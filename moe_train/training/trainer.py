@@ -53,8 +53,9 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # init and every random routing choice follow the seed
         self.data = self.build_data()
         self.model = self.build_model()
-        self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.max_steps)
+        self.description = self.describe_model()  # before ZeRO-3 partitions the parameters
+        self.engine = self.build_engine()  # None unless zero.stage >= 0
+        self.optimizer, self.scheduler = self.build_optimizer_and_schedule()
         self.stats = MoEStatsAccumulator(self.model)
         self.metrics = MetricsFile(run_dir / "metrics.jsonl" if self.ctx.is_rank0 else None)
         self.logger = build_logger(cfg.logger, run_dir, dataclasses.asdict(cfg), self.rank)
@@ -83,6 +84,27 @@ class Trainer:
         parallelize(model, self.ctx, self.cfg.parallel, self.comm)
         return model
 
+    def build_engine(self):
+        """zero.stage >= 0: the DeepSpeed engine around the parallelized model, with its own optimizer and schedule
+        (moe_train/parallel/zero.py). Imported only then: `import deepspeed` costs seconds."""
+        if self.cfg.zero.stage < 0:
+            return None
+        from moe_train.parallel.zero import ZeroEngine
+
+        return ZeroEngine(self.model, self.cfg, self.ctx, self.micro_batch_size)  # collective
+
+    def gathered_parameters(self):
+        """Context in which every parameter is whole on this rank (ZeRO 3 gathers them: collective) and may be
+        read, e.g. by full_state_dict; a no-op otherwise."""
+        return self.engine.gathered_parameters() if self.engine is not None else contextlib.nullcontext()
+
+    def build_optimizer_and_schedule(self):
+        """torch AdamW and the LR schedule; the engine's under zero.stage >= 0 (the same AdamW and schedule)."""
+        if self.engine is not None:
+            return self.engine.optimizer, self.engine.lr_scheduler
+        optimizer = build_optimizer(self.model, self.cfg.optim)
+        return optimizer, build_scheduler(optimizer, self.cfg.optim, self.cfg.train.max_steps)
+
     def autocast(self):
         if self.cfg.train.mixed_precision == "bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
@@ -92,32 +114,47 @@ class Trainer:
         """(LM cross-entropy, scaled MoE aux + z loss) of one micro-batch."""
         inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
         with self.autocast():
-            logits, aux_loss = self.model(inputs, return_aux=True)
+            logits, aux_loss = (self.model if self.engine is None else self.engine)(inputs, return_aux=True)
         return lm_loss(logits, targets), aux_loss
 
     def train_step(self, collect_stats: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
         """One optimizer step over grad_accum_steps micro-batches: (mean LM loss, grad norm, lr used)."""
         loss, grad_norm = self.compute_gradients(collect_stats)
         lr = self.scheduler.get_last_lr()[0]
+        if self.engine is not None:
+            return loss, self.engine.step(grad_norm), lr  # collectives; steps the schedule too
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss, grad_norm, lr
 
-    def compute_gradients(self, collect_stats: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    def compute_gradients(self, collect_stats: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Forward/backward of this rank's micro-batches, gradients reduced over the layout and clipped:
-        (this rank's mean LM loss, global grad norm before clipping)."""
+        (this rank's mean LM loss, global grad norm before clipping, or None under ZeRO 1-3: see reduce_and_clip)."""
         accum = self.cfg.train.grad_accum_steps
         loss_sum = torch.zeros((), device=self.device)
-        for _ in range(accum):
+        for i in range(accum):
             loss, aux_loss = self.forward_loss(*self.data.train.next_batch())
-            ((loss + aux_loss) / accum).backward()
+            self.backward(loss + aux_loss, last=i == accum - 1)
             loss_sum += loss.detach()
             if collect_stats:
                 self.stats.add()
+        return loss_sum / accum, self.reduce_and_clip()
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        """Gradients of one micro-batch's loss, accumulated (divided by grad_accum_steps)."""
+        if self.engine is None:
+            (loss / self.cfg.train.grad_accum_steps).backward()
+            return
+        self.engine.backward(loss, last)  # collectives (see ZeroEngine.backward)
+
+    def reduce_and_clip(self) -> Optional[torch.Tensor]:
+        """Gradients reduced over the layout and clipped; the global grad norm before clipping (None under ZeRO
+        1-3, whose optimizer clips and measures the norm in its step)."""
+        if self.engine is not None:
+            return self.engine.clip()  # collectives at stage 0
         reduce_gradients(self.model, self.group("dp"), self.group("edp"), self.ctx.dims.dp)  # collectives
-        grad_norm = clip_grad_norm(self.model, self.cfg.optim.grad_clip, self.ctx.groups)  # collectives
-        return loss_sum / accum, grad_norm
+        return clip_grad_norm(self.model, self.cfg.optim.grad_clip, self.ctx.groups)  # collectives
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -145,7 +182,7 @@ class Trainer:
         """Run to train.max_steps; returns the last logged record (with the last `val_loss` if any)."""
         t = self.cfg.train
         self.console.print0(f"run dir: {self.run_dir.resolve()}")
-        self.console.print0(f"model: {self.describe_model()}; data: {self.data.num_train_tokens:,} train / "
+        self.console.print0(f"model: {self.description}; data: {self.data.num_train_tokens:,} train / "
                             f"{self.data.num_val_tokens:,} val tokens")
         progress = Progress(t.max_steps, enabled=t.progress and self.rank == 0)
         last: dict = {}
