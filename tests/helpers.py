@@ -44,3 +44,25 @@ def capture_route(layer) -> dict:
 
     layer.router.register_forward_hook(keep)
     return captured
+
+
+def load_bench_script(name: str):
+    """Import bench/<name>.py as a module (bench/ is not a package; its scripts import each other by name)."""
+    import importlib.util
+    import pathlib
+    import sys
+
+    bench_dir = pathlib.Path(__file__).resolve().parents[1] / "bench"
+    if str(bench_dir) not in sys.path:
+        sys.path.insert(0, str(bench_dir))
+    spec = importlib.util.spec_from_file_location(name, bench_dir / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def toy_text(path):
+    """~12 KB of varied ASCII (400 numbered lines): enough for a few 33-token validation batches in its last 10%."""
+    lines = [f"{i:04d} the {('quick', 'lazy', 'brown')[i % 3]} fox says {i * 7919 % 1000}" for i in range(400)]
+    path.write_text("\n".join(lines))
+    return path

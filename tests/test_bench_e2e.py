@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "train_e2e.py"
+from helpers import load_bench_script, toy_text
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("train_e2e", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def toy_text(path: Path) -> Path:
-    """~12 KB of varied ASCII: enough for 4 x 33-token validation batches in its last 10%."""
-    lines = [f"{i:04d} the {('quick', 'lazy', 'brown')[i % 3]} fox says {i * 7919 % 1000}" for i in range(400)]
-    path.write_text("\n".join(lines))
-    return path
+    return load_bench_script("train_e2e")
 
 
 @pytest.mark.slow

@@ -2,29 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "ep_e2e.py"
+from helpers import load_bench_script, toy_text
 
 
 def load_bench():
-    sys.path.insert(0, str(SCRIPT.parent))  # ep_e2e imports train_e2e from its own folder
-    spec = importlib.util.spec_from_file_location("ep_e2e", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def toy_text(path: Path) -> Path:
-    """~11 KB of varied ASCII: its last 10% holds the 2 x 4 x 33-token validation rows."""
-    lines = [f"{i:04d} the {('quick', 'lazy', 'brown')[i % 3]} fox says {i * 7919 % 1000}" for i in range(400)]
-    path.write_text("\n".join(lines))
-    return path
+    return load_bench_script("ep_e2e")
 
 
 def test_ep_e2e_toy_run(tmp_path):
