@@ -155,6 +155,7 @@ def test_sliding_window_covering_every_position_is_accepted():
     ({"moe_every": 2}, {}, "model.moe_every=2"),
     ({}, {"activation": "gelu"}, "moe.activation='gelu'"),
     ({}, {"num_shared_experts": 1}, "moe.num_shared_experts=1"),
+    ({}, {"routed_scale": 2.0}, "moe.routed_scale=2.0"),
     ({}, {"renormalize": False}, "moe.renormalize=False"),
     ({}, {"router": "noisy_topk"}, "moe.router='noisy_topk'"),
 ])

@@ -35,6 +35,8 @@ BAD = [
     (dict(min_capacity=-1), r"moe\.min_capacity=-1 must be >= 0"),
     (dict(num_shared_experts=-2), r"moe\.num_shared_experts=-2"),
     (dict(aux_loss_coef=-0.1), r"moe\.aux_loss_coef=-0\.1"),
+    (dict(routed_scale=0.0), r"moe\.routed_scale=0\.0 must be a finite number > 0"),
+    (dict(routed_scale=float("inf")), r"moe\.routed_scale=inf"),
     (dict(jitter_eps=1.5), r"moe\.jitter_eps=1\.5 must be < 1"),
     (dict(d_ff=0), r"moe\.d_ff=0 must be >= 1"),
     (dict(expert_impl="triton"), r"moe\.expert_impl='triton'"),

@@ -84,6 +84,17 @@ def test_shared_experts_are_added_to_routed_output():
     torch.testing.assert_close(routed_layer_out, layer(x)[0])
 
 
+def test_routed_scale_multiplies_the_routed_output_only():
+    layer = make_layer(num_shared_experts=1, d_ff=8)
+    x = torch.randn(9, 16)
+    out, aux = layer(x)
+    shared = layer.shared_experts(x)
+    layer.cfg.routed_scale = 2.5
+    scaled, scaled_aux = layer(x)
+    torch.testing.assert_close(scaled - shared, 2.5 * (out - shared))
+    torch.testing.assert_close(scaled_aux, aux)
+
+
 @pytest.mark.parametrize("impl,activation,cf", [("loop", "swiglu", 0.5), ("grouped", "swiglu", 0.5),
                                                ("loop", "gelu", 0.5), ("loop", "swiglu", -1.0)])
 def test_gradcheck_float64(impl, activation, cf):

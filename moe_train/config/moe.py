@@ -76,6 +76,12 @@ class MoEConfig:
     z_loss_coef: float = 0.0
     """Coefficient of the router z-loss mean_t(logsumexp(logits_t)^2) (ST-MoE). Typical 1e-3; 0 = off."""
 
+    routed_scale: float = 1.0
+    """Multiplier on the combined routed-expert output (DeepSeek-V2/V3's `routed_scaling_factor`). With renormalised
+    top-k gates the routed output is a weighted *average* of k experts, so a top-k MoE of k*d_ff active width feeds
+    the residual stream about 1/k as much as its dense twin; routed_scale = top_k restores the dense scale (see
+    docs/BENCHMARKS.md, end-to-end). 1.0 = Mixtral (required for HF Mixtral parity); must be > 0."""
+
     num_shared_experts: int = 0
     """Always-active shared experts (DeepSeekMoE), run as one dense MLP of width num_shared_experts * d_ff and added to
     the routed output. 0 = none."""
@@ -131,5 +137,7 @@ def validate_moe_config(cfg: MoEConfig, d_model: Optional[int] = None) -> None:
         value = getattr(cfg, name)
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"moe.{name}={value!r} must be a finite number >= 0")
+    if not (math.isfinite(cfg.routed_scale) and cfg.routed_scale > 0):
+        raise ValueError(f"moe.routed_scale={cfg.routed_scale!r} must be a finite number > 0 (1.0 = Mixtral)")
     if cfg.jitter_eps >= 1:
         raise ValueError(f"moe.jitter_eps={cfg.jitter_eps} must be < 1 (the input is scaled by U(1-eps, 1+eps))")

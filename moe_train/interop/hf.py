@@ -64,7 +64,7 @@ MOE_KEYS = {  # MoEConfig field -> Mixtral config key
 }
 MOE_FIXED = {  # what Mixtral does and has no key for: SwiGLU experts, softmax top-k renormalised, never drops tokens
     "activation": "swiglu", "router": "topk", "renormalize": True, "aux_loss_counting": "all",
-    "capacity_factor": DROPLESS, "eval_capacity_factor": DROPLESS, "num_shared_experts": 0,
+    "capacity_factor": DROPLESS, "eval_capacity_factor": DROPLESS, "num_shared_experts": 0, "routed_scale": 1.0,
     "second_expert_policy": "all",
 }
 MIXTRAL_REQUIREMENTS = (  # (field, read it, the only value Mixtral can express, why)
@@ -73,6 +73,7 @@ MIXTRAL_REQUIREMENTS = (  # (field, read it, the only value Mixtral can express,
     ("moe.router", lambda m, e: e.router, "topk", "Mixtral's router is a plain linear gate (no noise weight)"),
     ("moe.renormalize", lambda m, e: e.renormalize, True, "Mixtral renormalises the top-k weights to sum to 1"),
     ("moe.num_shared_experts", lambda m, e: e.num_shared_experts, 0, "Mixtral has no shared experts"),
+    ("moe.routed_scale", lambda m, e: e.routed_scale, 1.0, "Mixtral adds the gate-weighted expert sum unscaled"),
 )
 HF_ACTIVATIONS = ("silu", "swish")  # the same function in transformers' ACT2FN
 
@@ -561,3 +562,4 @@ def load_weights(path, device="cpu", dtype: Optional[torch.dtype] = None) -> Tra
     recipes = {key: Rename(key) for key in reader.keys()}
     model = empty_model(model_cfg, moe_cfg, device, _load_dtype(dtype, reader, "tok_embeddings.weight"))
     return fill_model(model, recipes, reader.get)
+

@@ -100,6 +100,8 @@ class MoELayer(nn.Module):
         plan = self.plan(route)
         batch = self.dispatcher.dispatch(x_TD, plan)
         out_TD = self.dispatcher.combine(self.experts(batch.x, batch.counts), plan, batch)
+        if self.cfg.routed_scale != 1.0:
+            out_TD = out_TD * self.cfg.routed_scale  # one [T, D] multiply; the gates now sum to routed_scale
         if self.shared_experts is not None:
             out_TD = out_TD + self.shared_experts(x_TD)
         aux_loss, lb_loss, z_loss = self.router_losses(route)
