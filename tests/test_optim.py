@@ -59,3 +59,27 @@ def test_no_weight_decay_on_norms_biases_and_embeddings(tie):
     assert {names[id(p)] for p in decay["params"]} >= {"layers.1.moe.experts.w1", "layers.0.attention.wq.weight"}
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("max_norm", [0.05, 1e6, 0.0])
+def test_single_process_clipping_matches_torch(max_norm):
+    from moe_train.parallel.data_parallel import clip_grad_norm
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, d_ff=24,
+                                    max_seq_len=16), MoEConfig(num_experts=4, top_k=2, d_ff=8))
+    logits, aux = model(torch.randint(0, 32, (2, 8)), return_aux=True)
+    (logits.square().mean() + aux).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    norm = clip_grad_norm(model, max_norm, None)
+    ref = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()]))
+    torch.testing.assert_close(norm, ref)
+    scale = min(1.0, max_norm / (float(ref) + 1e-6)) if max_norm > 0 else 1.0
+    for name, p in model.named_parameters():
+        if name in grads:
+            torch.testing.assert_close(p.grad, grads[name] * scale, msg=name)
+
+
+def test_clipping_without_gradients_returns_zero():
+    from moe_train.parallel.data_parallel import clip_grad_norm
+    model = torch.nn.Linear(3, 2)
+    assert float(clip_grad_norm(model, 1.0, None)) == 0.0

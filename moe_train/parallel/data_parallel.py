@@ -59,15 +59,16 @@ def shard_groups(param: nn.Parameter, is_expert: bool) -> tuple[str, ...]:
 
 
 def _squares_by_partition(model: nn.Module) -> tuple[dict[tuple[str, ...], torch.Tensor], list[torch.Tensor]]:
+    """Sum of squared gradient entries per partition key (float32, on the gradients' device), and all gradients."""
     dense, expert = split_expert_params(model)
-    sums: dict[tuple[str, ...], torch.Tensor] = {}
-    grads = []
+    by_key: dict[tuple[str, ...], list[torch.Tensor]] = {}
     for params, is_expert in ((dense, False), (expert, True)):
         for p in (p for p in params if p.grad is not None):
-            key = shard_groups(p, is_expert)
-            sums[key] = sums.get(key, 0) + p.grad.float().pow(2).sum()
-            grads.append(p.grad)
-    return sums, grads
+            by_key.setdefault(shard_groups(p, is_expert), []).append(p.grad)
+    # One fused norm kernel per key instead of a pow and a sum per parameter.
+    sums = {key: torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32)).pow(2).sum()
+            for key, grads in by_key.items()}
+    return sums, [g for grads in by_key.values() for g in grads]
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float, groups) -> torch.Tensor:
@@ -75,6 +76,8 @@ def clip_grad_norm(model: nn.Module, max_norm: float, groups) -> torch.Tensor:
     Squares of partitioned parameters are summed over their groups (collectives); replicated ones count once.
     Call after `reduce_gradients`. max_norm <= 0: no clipping (the norm is still returned)."""
     sums, grads = _squares_by_partition(model)
+    if not sums:  # no parameter has a gradient (every rank agrees: the model is the same everywhere)
+        return torch.zeros((), device=next(model.parameters()).device)
     for key in sorted(sums):
         for name in key:
             group = getattr(groups, name) if groups is not None else None
