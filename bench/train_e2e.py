@@ -167,26 +167,23 @@ class MixtralTrainer(Trainer):
         return f"{total / 1e6:.2f}M parameters, {active / 1e6:.2f}M active per token"
 
 
-def build_trainer(name: str, base: Config, run_dir: Path, router_std: Optional[float] = None,
-                  routed_scale: Optional[float] = None) -> Trainer:
+def build_trainer(name: str, base: Config, run_dir: Path, router_std: Optional[float] = None) -> Trainer:
     """Seeds with train.seed inside (same init RNG state and loader order for every model)."""
     trainer_cls = MixtralTrainer if name == "hf" else Trainer
     trainer = trainer_cls(config_for(name, base), run_dir)
     if name == "ours":
-        investigate_routing(trainer.model, router_std, routed_scale)
+        reinit_routers(trainer.model, router_std)
     return trainer
 
 
-def investigate_routing(model: nn.Module, router_std: Optional[float], routed_scale: Optional[float]) -> None:
-    """Knobs the library has no setting for, used only to investigate the quality target: re-initialise the routers
-    N(0, router_std) (in place: the optimizer holds the same tensors), and multiply every MoE layer's output by
-    routed_scale (the renormalised top-k gates then sum to routed_scale, as DeepSeek's routed_scaling_factor)."""
-    for moe in model.moe_layers():
-        if router_std is not None:
-            with torch.no_grad():
-                moe.router.weight.normal_(0.0, router_std)
-        if routed_scale is not None:
-            moe.register_forward_hook(lambda module, inputs, out: (out[0] * routed_scale, out[1]))
+def reinit_routers(model: nn.Module, router_std: Optional[float]) -> None:
+    """A knob the library has no setting for, used only to investigate the quality target: re-initialise the routers
+    N(0, router_std), in place (the optimizer holds the same tensors)."""
+    if router_std is None:
+        return
+    with torch.no_grad():
+        for moe in model.moe_layers():
+            moe.router.weight.normal_(0.0, router_std)
 
 
 def param_counts(model: nn.Module) -> tuple[int, int]:
@@ -302,8 +299,7 @@ def rss_child(args: argparse.Namespace) -> None:
         import transformers  # noqa: F401  (part of what the HF run costs, but not of the model)
     baseline = proc_status_mib("VmRSS")
     with tempfile.TemporaryDirectory() as run_dir:
-        trainer = build_trainer(args.rss_child, base_config(args), Path(run_dir), args.router_std,
-                                args.routed_scale)
+        trainer = build_trainer(args.rss_child, base_config(args), Path(run_dir), args.router_std)
         contender = Contender(args.rss_child, trainer)
         for _ in range(args.rss_steps):
             contender.train_step()
@@ -313,7 +309,7 @@ def rss_child(args: argparse.Namespace) -> None:
 
 
 CHILD_FLAGS = ("data", "seed", "threads", "seq_len", "batch_size", "d_model", "device", "moe", "router_std",
-               "routed_scale", "rss_steps")
+               "rss_steps")
 
 
 def child_command(args: argparse.Namespace, name: str) -> list[str]:
@@ -368,7 +364,7 @@ def header(args: argparse.Namespace, argv: list[str], meta: dict) -> str:
 
 def investigation_note(args: argparse.Namespace) -> str:
     """Flag a run whose MoE differs from the tiny preset, so its figures are never mistaken for the public ones."""
-    flags = {"--moe": args.moe or None, "--router-std": args.router_std, "--routed-scale": args.routed_scale}
+    flags = {"--moe": args.moe or None, "--router-std": args.router_std}
     changes = [f"{flag} {value}" for flag, value in flags.items() if value is not None]
     return f"**not the tiny preset** (ours with {' '.join(changes)})\n" if changes else ""
 
@@ -498,8 +494,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--moe", default="", help="MoEConfig overrides for ours, e.g. aux_loss_coef=0.02,z_loss_coef=1e-3")
     p.add_argument("--router-std", type=float, default=None,
                    help="re-initialise our routers N(0, std) (default: the model's init_std, 0.02)")
-    p.add_argument("--routed-scale", type=float, default=None,
-                   help="multiply our MoE layers' outputs by this (investigation; default: none)")
     p.add_argument("--rss-steps", type=int, default=None,
                    help="steps of each peak-RSS subprocess (default min(30, --steps)); 0 = skip")
     p.add_argument("--out", help="write the markdown report here")
@@ -512,7 +506,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def run_benchmark(args: argparse.Namespace) -> dict:
     base = base_config(args)
     with tempfile.TemporaryDirectory() as run_dir:
-        contenders = [Contender(n, build_trainer(n, base, Path(run_dir), args.router_std, args.routed_scale))
+        contenders = [Contender(n, build_trainer(n, base, Path(run_dir), args.router_std))
                       for n in args.models]
         check_batches_agree(contenders)
         train_lockstep(contenders, args.steps)
