@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
@@ -34,3 +34,14 @@ def exit_on_config_error(prog: str) -> Iterator[None]:
         cause = f"\n  caused by: {exc.__cause__}" if exc.__cause__ is not None else ""
         print(f"{prog}: error: {exc}{cause}", file=sys.stderr)
         sys.exit(2)
+
+
+def run_subcommand(parser, prog: str, argv: Optional[list[str]] = None) -> int:
+    """Parse, run `args.run(args)`; an input error (ValueError, OSError) prints one line on stderr and returns 2."""
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, OSError) as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    return 0

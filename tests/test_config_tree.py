@@ -89,7 +89,9 @@ SEMANTIC_ERRORS = [
     (["parallel.tp=2"], r"parallel\.tp=2 must be >= 1 and divide the world size 1"),
     (["parallel.tp=3"], r"parallel\.tp=3 must be >= 1 and divide the world size 1"),
     (["parallel.backend=mpi"], r"parallel\.backend='mpi' is not supported; allowed: auto, nccl, gloo"),
-    (["checkpoint.every=10"], r"checkpoint\.every=10"),
+    (["checkpoint.every=-1"], r"checkpoint\.every=-1 must be >= 0"),
+    (["checkpoint.keep_last=0"], r"checkpoint\.keep_last=0 must be >= 1"),
+    (["checkpoint.every=10", "zero.stage=1"], r"checkpoint\.every=10.*zero\.stage=1.*not supported yet"),
     (["model.moe_every=-1"], r"model\.moe_every=-1 must be >= 0"),
 ]
 

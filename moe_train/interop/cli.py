@@ -2,6 +2,7 @@
 
     moe-train-convert from-hf SRC_DIR DST.safetensors [--dtype bfloat16]
     moe-train-convert to-hf SRC.safetensors DST_DIR [--max-shard-size 5GB] [--dtype bfloat16]
+    moe-train-convert to-hf RUN/checkpoints/step_00001000 DST_DIR    # a checkpoint of any layout
 
 The weights file is NAME.safetensors (our state dict) plus NAME.json (ModelConfig and MoEConfig); see
 moe_train.interop.hf. Errors print one line on stderr and exit with status 2 (no traceback: they are input errors).
@@ -11,11 +12,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Optional
 
 import torch
 
-from moe_train.interop.hf import load_mixtral, load_weights, save_mixtral, save_weights
+from moe_train.cli_config import run_subcommand
+from moe_train.interop.hf import load_checkpoint_weights, load_mixtral, load_weights, save_mixtral, save_weights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PROG = "moe-train-convert"
@@ -26,13 +29,15 @@ def from_hf(args: argparse.Namespace) -> None:
 
 
 def to_hf(args: argparse.Namespace) -> None:
-    save_mixtral(load_weights(args.src, dtype=DTYPES.get(args.dtype)), args.dst, max_shard_size=args.max_shard_size)
+    """SRC: a weights file, or a checkpoint directory (step_XXXXXXXX) of any parallel layout."""
+    load = load_checkpoint_weights if Path(args.src).is_dir() else load_weights
+    save_mixtral(load(args.src, dtype=DTYPES.get(args.dtype)), args.dst, max_shard_size=args.max_shard_size)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Convert between Mixtral (HF) and moe_train weights.")
     commands = parser.add_subparsers(dest="command", required=True)
-    src_help = {"from-hf": "Mixtral directory (config.json + *.safetensors)", "to-hf": "our NAME.safetensors"}
+    src_help = {"from-hf": "Mixtral directory (config.json + *.safetensors)", "to-hf": "our NAME.safetensors or a checkpoint directory"}
     dst_help = {"from-hf": "our NAME.safetensors (config written to NAME.json)", "to-hf": "Mixtral directory"}
     for name, run in (("from-hf", from_hf), ("to-hf", to_hf)):
         sub = commands.add_parser(name, help=f"{src_help[name]} -> {dst_help[name]}")
@@ -47,14 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        args.run(args)
-    except (ValueError, OSError) as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
+    return run_subcommand(build_parser(), PROG, argv)
 
 if __name__ == "__main__":
     sys.exit(main())

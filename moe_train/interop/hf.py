@@ -563,3 +563,27 @@ def load_weights(path, device="cpu", dtype: Optional[torch.dtype] = None) -> Tra
     model = empty_model(model_cfg, moe_cfg, device, _load_dtype(dtype, reader, "tok_embeddings.weight"))
     return fill_model(model, recipes, reader.get)
 
+
+def load_checkpoint_weights(directory, device="cpu", dtype: Optional[torch.dtype] = None) -> Transformer:
+    """Our Transformer (eval mode) from a moe_train checkpoint directory of any layout: the manifest is verified and
+    every parameter is assembled from its chunks (experts by global id, tensor-parallel pieces by offset)."""
+    from moe_train.checkpoint.manager import verify
+    from moe_train.checkpoint.storage import ChunkReader
+
+    directory = Path(directory)
+    manifest = verify(directory)
+    config = manifest["config"]
+    model_cfg = _dataclass_from_dict(ModelConfig, config["model"], str(directory / "manifest.json"))
+    moe_cfg = _dataclass_from_dict(MoEConfig, config["moe"], str(directory / "manifest.json"))
+    chunks = ChunkReader(directory, manifest["tensors"])
+    params = [k[len("model/"):] for k in manifest["tensors"] if k.startswith("model/")]
+    stored = _dtype_of_entry(manifest["tensors"].get("model/tok_embeddings.weight"))
+    model = empty_model(model_cfg, moe_cfg, device, dtype or stored)
+    return fill_model(model, {name: Rename(name) for name in params},
+                      lambda key: chunks.read_full(f"model/{key}").to(device))
+
+
+def _dtype_of_entry(entry: Optional[dict]) -> torch.dtype:
+    if entry is None:
+        raise ValueError("checkpoint has no tensor 'model/tok_embeddings.weight'")
+    return getattr(torch, entry["dtype"].removeprefix("torch."))

@@ -6,6 +6,7 @@ Every object has a null form for non-zero ranks (and for `logger=none`), so the 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -27,12 +28,13 @@ class Console:
 class Progress:
     """tqdm bar showing loss and tokens/s on rank 0; inert elsewhere or when disabled."""
 
-    def __init__(self, total: int, enabled: bool):
+    def __init__(self, total: int, enabled: bool, initial: int = 0):
         self.bar = None
         if enabled:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+            self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
+                            file=sys.stderr)
 
     def update(self, steps: int = 1, **postfix: str) -> None:
         if self.bar is not None:
@@ -48,10 +50,27 @@ class Progress:
 class MetricsFile:
     """One JSON object per line, flushed per record (a killed run keeps what it logged)."""
 
-    def __init__(self, path: Optional[Path]):
+    def __init__(self, path: Optional[Path], resumed_step: Optional[int] = None):
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
+            if resumed_step is not None and path.exists():
+                self.drop_after(path, resumed_step)
         self.file = open(path, "a") if path is not None else None
+
+    @staticmethod
+    def drop_after(path: Path, step: int) -> None:
+        """A resumed run repeats the steps after its checkpoint: drop their records (and a torn last line)."""
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line + "\n")
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
 
     def write(self, record: dict) -> None:
         if self.file is not None:

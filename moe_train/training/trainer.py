@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from moe_train.checkpoint.checkpointer import Checkpointer
 from moe_train.config.schema import Config
 from moe_train.data import DataBundle, build_data
 from moe_train.models.transformer import Transformer, build_model
@@ -57,9 +58,13 @@ class Trainer:
         self.engine = self.build_engine()  # None unless zero.stage >= 0
         self.optimizer, self.scheduler = self.build_optimizer_and_schedule()
         self.stats = MoEStatsAccumulator(self.model)
-        self.metrics = MetricsFile(run_dir / "metrics.jsonl" if self.ctx.is_rank0 else None)
+        self.step, self.tokens_seen = 0, 0
+        self.checkpointer = Checkpointer(cfg.checkpoint, run_dir)
+        self.checkpointer.resume(self)  # collective when distributed
+        # Resuming (also `auto` with nothing to resume) drops the records of steps that will run again.
+        self.metrics = MetricsFile(run_dir / "metrics.jsonl" if self.ctx.is_rank0 else None,
+                                   resumed_step=self.step if cfg.checkpoint.resume != "none" else None)
         self.logger = build_logger(cfg.logger, run_dir, dataclasses.asdict(cfg), self.rank)
-        self.step = 0
 
     @property
     def micro_batch_size(self) -> int:
@@ -184,7 +189,7 @@ class Trainer:
         self.console.print0(f"run dir: {self.run_dir.resolve()}")
         self.console.print0(f"model: {self.description}; data: {self.data.num_train_tokens:,} train / "
                             f"{self.data.num_val_tokens:,} val tokens")
-        progress = Progress(t.max_steps, enabled=t.progress and self.rank == 0)
+        progress = Progress(t.max_steps, enabled=t.progress and self.rank == 0, initial=self.step)
         last: dict = {}
         window = Window(time.perf_counter())
         try:
@@ -202,6 +207,7 @@ class Trainer:
         loss, grad_norm, lr = self.train_step(collect_stats=log_now)
         self.step = step
         window.tokens += self.cfg.train.batch_size * self.cfg.train.seq_len
+        self.tokens_seen += self.cfg.train.batch_size * self.cfg.train.seq_len
         window.steps += 1
         if log_now:
             last = self.log_step(step, loss, grad_norm, lr, window)
@@ -209,6 +215,10 @@ class Trainer:
         if self.should_eval(step):
             start = time.perf_counter()
             last = {**last, "val_loss": self.log_eval(step)}
+            window.exclude(time.perf_counter() - start)
+        if self.checkpointer.should_save(step, self.cfg.train.max_steps):
+            start = time.perf_counter()
+            self.checkpointer.save(self)  # collective
             window.exclude(time.perf_counter() - start)
         progress.update(1)
         return last

@@ -1,0 +1,59 @@
+"""Checkpoints across ranks (CPU, gloo): exact resume at world 2 with ep 2, and a world-2 (ep 2) checkpoint resumed
+at world 1 and at world 4 (dp 4, ep 2) with the same global batch and micro-batches (accumulation makes up the
+difference), continuing the straight run's losses."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pytest
+
+from multiproc import run_ranks
+from test_distributed_train import make_trainer, overrides
+
+STEPS, HALF = 16, 8
+SCHEDULE = (f"optim.decay_steps={STEPS}",)  # the same LR schedule whether a run stops half way or not
+
+
+def train(rank: int, world_size: int, args: list[str], run_dir: str) -> list[float] | None:
+    make_trainer(args, world_size, rank, pathlib.Path(run_dir)).train()
+    if rank != 0:
+        return None
+    records = [json.loads(line) for line in (pathlib.Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]
+
+
+def layout_args(mode: str, dp: int, ep: int, *extra: str) -> list[str]:
+    return overrides(mode, dp, (f"parallel.ep={ep}", *SCHEDULE, *extra))
+
+
+@pytest.fixture(scope="module")
+def ep2_runs(tmp_path_factory):
+    """Per mode: the straight world-2 ep-2 run, and a run directory stopped half way with a checkpoint."""
+    runs = {}
+    for mode in ("capacity", "dropless"):
+        straight = tmp_path_factory.mktemp(f"straight_{mode}")
+        losses = run_ranks(2, train, layout_args(mode, 2, 2, f"train.max_steps={STEPS}"), str(straight))[0]
+        half = tmp_path_factory.mktemp(f"half_{mode}")
+        run_ranks(2, train, layout_args(mode, 2, 2, f"train.max_steps={HALF}", f"checkpoint.every={HALF}"),
+                  str(half))
+        runs[mode] = (losses, half)
+    return runs
+
+
+@pytest.mark.parametrize("mode", ["capacity", "dropless"])
+def test_resume_at_the_same_layout_is_bit_for_bit(ep2_runs, mode, tmp_path):
+    straight, half = ep2_runs[mode]
+    resume = f"checkpoint.resume={half / 'checkpoints' / f'step_{HALF:08d}'}"
+    resumed = run_ranks(2, train, layout_args(mode, 2, 2, f"train.max_steps={STEPS}", resume), str(tmp_path))[0]
+    assert resumed == straight[HALF:]
+
+
+@pytest.mark.parametrize("world,dp,ep", [(1, 1, 1), (4, 4, 2)], ids=["world1", "dp4_ep2"])
+def test_resume_on_another_layout_continues_the_loss(ep2_runs, world, dp, ep, tmp_path):
+    straight, half = ep2_runs["capacity"]
+    resume = f"checkpoint.resume={half / 'checkpoints' / f'step_{HALF:08d}'}"
+    args = layout_args("capacity", dp, ep, f"train.max_steps={STEPS}", resume)
+    resumed = (train(0, 1, args, str(tmp_path)) if world == 1 else run_ranks(world, train, args, str(tmp_path))[0])
+    assert resumed == pytest.approx(straight[HALF:], abs=1e-5)
