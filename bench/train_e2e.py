@@ -88,7 +88,7 @@ def base_config(args: argparse.Namespace) -> Config:
     model = ModelConfig(vocab_size=256, d_model=d, n_layers=4, n_heads=8, n_kv_heads=4, d_ff=4 * d,
                         max_seq_len=args.seq_len)
     moe = parse_overrides(MoEConfig(num_experts=8, top_k=2, d_ff=2 * d, capacity_factor=-1.0,
-                                    eval_capacity_factor=-1.0), args.moe)
+                                    eval_capacity_factor=-1.0, routed_scale=2.0), args.moe)
     data = DataConfig(source="text", path=str(args.data), val_fraction=0.1, seed=args.seed)
     optim = OptimConfig(lr=3e-3, min_lr=3e-4, warmup_steps=30, schedule="cosine", weight_decay=0.1, beta2=0.95,
                         grad_clip=1.0)
