@@ -37,3 +37,22 @@ def test_launcher_runs_world2_ep_job(launcher, tmp_path):
     assert records[0]["a2a_bytes_per_step"] > 0
     assert (run / "weights.safetensors").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
     assert proc.stdout.count("done: step 4") == 1  # rank 0 prints, rank 1 does not
+
+
+def test_each_torchrun_restart_attempt_gets_its_own_store_keys():
+    import datetime
+
+    import torch.distributed as dist
+
+    from moe_train.parallel.context import LaunchEnv, restart_safe_store
+
+    env, timeout = LaunchEnv(rank=0, world_size=2, local_rank=0), datetime.timedelta(seconds=10)
+    agent = {"TORCHELASTIC_RESTART_COUNT": "1", "TORCHELASTIC_USE_AGENT_STORE": "True", "GROUP_WORLD_SIZE": "1",
+             "MASTER_ADDR": "127.0.0.1"}
+    assert restart_safe_store(env, timeout, {}) is None  # not under torchrun: torch's env:// rendezvous
+    assert restart_safe_store(env, timeout, {**agent, "GROUP_WORLD_SIZE": "2"}) is None  # several nodes
+    port = free_port()
+    master = dist.TCPStore("127.0.0.1", port, 2, is_master=True, timeout=timeout, wait_for_workers=False)
+    store = restart_safe_store(env, timeout, {**agent, "MASTER_PORT": str(port)})
+    store.set("default_pg/0//rank_1", "address of attempt 1")
+    assert master.get("moe_train/attempt_1/default_pg/0//rank_1") == b"address of attempt 1"

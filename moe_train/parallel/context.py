@@ -81,9 +81,24 @@ def init_parallel(env: LaunchEnv, dims: ParallelDims, device: torch.device, time
         return ParallelContext.single()
     if device.type == "cuda":
         torch.cuda.set_device(env.local_rank)
-    dist.init_process_group(backend_for(device), rank=env.rank, world_size=env.world_size,
-                            timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    dist.init_process_group(backend_for(device), rank=env.rank, world_size=env.world_size, timeout=timeout,
+                            store=restart_safe_store(env, timeout))
     return ParallelContext(env.rank, dims, build_mesh(dims, device.type))
+
+
+def restart_safe_store(env: LaunchEnv, timeout: datetime.timedelta, environ=os.environ) -> Optional[dist.Store]:
+    """After `torchrun --max-restarts` restarts a single-node job, the workers join the agent's TCPStore, which
+    still holds the previous attempt's keys (the dead ranks' gloo/NCCL addresses): init can read them and hang
+    (pytorch#135712). Give each attempt its own key prefix. Only on one node, where the restart count is the same
+    for every rank (it is per agent, pytorch#108158); None = torch's default env:// rendezvous."""
+    restart = environ.get("TORCHELASTIC_RESTART_COUNT")
+    single_agent = environ.get("GROUP_WORLD_SIZE") == "1"  # one torchrun agent: one node
+    if restart is None or environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or not single_agent:
+        return None
+    store = dist.TCPStore(environ["MASTER_ADDR"], int(environ["MASTER_PORT"]), env.world_size, is_master=False,
+                          timeout=timeout)
+    return dist.PrefixStore(f"moe_train/attempt_{restart}", store)
 
 
 def shutdown(ctx: ParallelContext, clean: bool = True) -> None:
