@@ -93,7 +93,8 @@ def ep_config(args: argparse.Namespace) -> Config:
     moe = dataclasses.replace(base.moe, capacity_factor=CAPACITY_FACTOR, eval_capacity_factor=CAPACITY_FACTOR,
                               min_capacity=MIN_CAPACITY, drop_policy="position", second_expert_policy="all",
                               aux_loss_counting="first", aux_loss_coef=0.01, z_loss_coef=0.0, router="topk",
-                              jitter_eps=0.0, renormalize=True, activation="swiglu")
+                              jitter_eps=0.0, renormalize=True, activation="swiglu",
+                              routed_scale=1.0)  # DeepSpeed adds the gate-weighted expert sum unscaled
     micro = args.batch_size // (args.grad_accum * WORLD)
     train = dataclasses.replace(base.train, grad_accum_steps=args.grad_accum,
                                 eval_batches=args.val_batches * args.batch_size // micro)
