@@ -12,7 +12,7 @@ import pytest
 from multiproc import run_ranks
 from test_distributed_train import make_trainer, overrides
 
-STEPS, HALF = 16, 8
+STEPS, HALF = 40, 20
 SCHEDULE = (f"optim.decay_steps={STEPS}",)  # the same LR schedule whether a run stops half way or not
 
 
@@ -57,3 +57,23 @@ def test_resume_on_another_layout_continues_the_loss(ep2_runs, world, dp, ep, tm
     args = layout_args("capacity", dp, ep, f"train.max_steps={STEPS}", resume)
     resumed = (train(0, 1, args, str(tmp_path)) if world == 1 else run_ranks(world, train, args, str(tmp_path))[0])
     assert resumed == pytest.approx(straight[HALF:], abs=1e-5)
+
+
+def test_an_ep2_checkpoint_converts_to_hf_and_loads_whole(ep2_runs, tmp_path):
+    import torch
+    from transformers import MixtralForCausalLM
+
+    from moe_train.interop.cli import main as convert
+    from moe_train.interop.hf import load_checkpoint_weights
+
+    checkpoint = ep2_runs["dropless"][1] / "checkpoints" / f"step_{HALF:08d}"
+    args = layout_args("dropless", 1, 1, f"checkpoint.resume={checkpoint}")
+    resumed = make_trainer(args, 1, 0, tmp_path / "run").model.eval()  # the world-1 view of the ep-2 checkpoint
+    whole = load_checkpoint_weights(checkpoint)
+    assert whole.state_dict().keys() == resumed.state_dict().keys()
+    assert all(torch.equal(whole.state_dict()[k], v) for k, v in resumed.state_dict().items())
+    assert convert(["to-hf", str(checkpoint), str(tmp_path / "hf")]) == 0
+    hf = MixtralForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, whole(ids), atol=1e-5, rtol=1e-5)

@@ -27,6 +27,7 @@ each tensor is read from safetensors and copied into its parameter before the ne
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import asdict, dataclass, fields
@@ -73,7 +74,8 @@ MIXTRAL_REQUIREMENTS = (  # (field, read it, the only value Mixtral can express,
     ("moe.router", lambda m, e: e.router, "topk", "Mixtral's router is a plain linear gate (no noise weight)"),
     ("moe.renormalize", lambda m, e: e.renormalize, True, "Mixtral renormalises the top-k weights to sum to 1"),
     ("moe.num_shared_experts", lambda m, e: e.num_shared_experts, 0, "Mixtral has no shared experts"),
-    ("moe.routed_scale", lambda m, e: e.routed_scale, 1.0, "Mixtral adds the gate-weighted expert sum unscaled"),
+    ("moe.routed_scale", lambda m, e: e.routed_scale, 1.0,
+     "Mixtral adds the gate-weighted expert sum unscaled; save_mixtral folds the scale into the experts' w2"),
 )
 HF_ACTIVATIONS = ("silu", "swish")  # the same function in transformers' ACT2FN
 
@@ -493,13 +495,24 @@ def _write_shards(path: Path, tensors: dict, max_bytes: int) -> None:
         (path / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
+def fold_routed_scale(state: dict, moe_cfg: MoEConfig) -> tuple[dict, MoEConfig]:
+    """Mixtral has no routed scale, but an expert's output is linear in its down projection: scale * sum_i g_i
+    E_i(x) = sum_i g_i E_i'(x) with w2' = scale * w2. The same function, as a Mixtral (one rounding per w2 entry)."""
+    scale = moe_cfg.routed_scale
+    if scale == 1.0:
+        return state, moe_cfg
+    folded = {k: (v * scale if k.endswith(".experts.w2") else v) for k, v in state.items()}
+    return folded, dataclasses.replace(moe_cfg, routed_scale=1.0)
+
+
 def save_mixtral(model: Transformer, path, max_shard_size="5GB") -> None:
     """Write `path`/config.json and hub-layout safetensors (one model.safetensors, or shards + index when larger
     than max_shard_size), loadable by transformers.MixtralForCausalLM.from_pretrained. The router is kept in float32
     (lossless; transformers casts it to its model dtype)."""
     max_bytes = parse_size(max_shard_size)
-    tensors = state_dict_to_hf(model.state_dict(), model.cfg, model.moe_cfg)
-    hf_config = config_to_hf(model.cfg, model.moe_cfg, model.tok_embeddings.weight.dtype)
+    state, moe_cfg = fold_routed_scale(model.state_dict(), model.moe_cfg)
+    tensors = state_dict_to_hf(state, model.cfg, moe_cfg)
+    hf_config = config_to_hf(model.cfg, moe_cfg, model.tok_embeddings.weight.dtype)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     _remove_old_shards(path)
