@@ -1,6 +1,6 @@
 """Checkpoints across ranks (CPU, gloo): exact resume at world 2 with ep 2, and a world-2 (ep 2) checkpoint resumed
-at world 1 and at world 4 (dp 4, ep 2) with the same global batch and micro-batches (accumulation makes up the
-difference), continuing the straight run's losses."""
+at world 1, at world 4 (dp 4, ep 2) and at world 4 with tensor parallelism (dp 2 x tp 2, ep 2) with the same global
+batch and micro-batches (accumulation makes up the difference), continuing the straight run's losses."""
 
 from __future__ import annotations
 
@@ -50,11 +50,12 @@ def test_resume_at_the_same_layout_is_bit_for_bit(ep2_runs, mode, tmp_path):
     assert resumed == straight[HALF:]
 
 
-@pytest.mark.parametrize("world,dp,ep", [(1, 1, 1), (4, 4, 2)], ids=["world1", "dp4_ep2"])
-def test_resume_on_another_layout_continues_the_loss(ep2_runs, world, dp, ep, tmp_path):
+@pytest.mark.parametrize("world,dp,ep,tp", [(1, 1, 1, 1), (4, 4, 2, 1), (4, 2, 2, 2)],
+                         ids=["world1", "dp4_ep2", "dp2_tp2_ep2"])
+def test_resume_on_another_layout_continues_the_loss(ep2_runs, world, dp, ep, tp, tmp_path):
     straight, half = ep2_runs["capacity"]
     resume = f"checkpoint.resume={half / 'checkpoints' / f'step_{HALF:08d}'}"
-    args = layout_args("capacity", dp, ep, f"train.max_steps={STEPS}", resume)
+    args = layout_args("capacity", dp, ep, f"train.max_steps={STEPS}", f"parallel.tp={tp}", resume)
     resumed = (train(0, 1, args, str(tmp_path)) if world == 1 else run_ranks(world, train, args, str(tmp_path))[0])
     assert resumed == pytest.approx(straight[HALF:], abs=1e-5)
 
