@@ -41,7 +41,8 @@ hold the same ranks as our mesh's ep and edp groups (mesh.py: rank = (edp_index 
 with tp = 1 both put an ep group on consecutive ranks and an edp group on ranks ep apart).
 
 Not supported yet: zero.stage >= 0 with parallel.tp > 1 (no DeepSpeed mpu), on one process, or with
-engine.save_checkpoint (moe_train's own checkpoints are issue 5).
+engine.save_checkpoint; moe_train's checkpoints (moe_train/checkpoint/) are refused under zero.stage >= 0 until
+they read and write DeepSpeed's partitioned optimizer state.
 """
 
 from __future__ import annotations
