@@ -86,11 +86,11 @@ class MoELayer(nn.Module):
         cfg = self.cfg
         capacity_factor = cfg.capacity_factor_for(self.training)
         if capacity_factor < 0:
-            return dropless_plan(route.ids_TK, route.probs_TK, cfg.num_experts, cfg.renormalize)
+            return dropless_plan(route.ids_TK, route.probs_TK, cfg.num_experts, cfg.renormalize, cfg.routed_scale)
         num_tokens = route.ids_TK.shape[0]
         capacity = expert_capacity(num_tokens, cfg.num_experts, cfg.top_k, capacity_factor, cfg.min_capacity)
         return capacity_plan(route.ids_TK, route.probs_TK, route.active_TK, cfg.num_experts, capacity,
-                             cfg.drop_policy, cfg.renormalize)
+                             cfg.drop_policy, cfg.renormalize, cfg.routed_scale)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if x.shape[-1] != self.d_model:
@@ -100,8 +100,6 @@ class MoELayer(nn.Module):
         plan = self.plan(route)
         batch = self.dispatcher.dispatch(x_TD, plan)
         out_TD = self.dispatcher.combine(self.experts(batch.x, batch.counts), plan, batch)
-        if self.cfg.routed_scale != 1.0:
-            out_TD = out_TD * self.cfg.routed_scale  # one [T, D] multiply; the gates now sum to routed_scale
         if self.shared_experts is not None:
             out_TD = out_TD + self.shared_experts(x_TD)
         aux_loss, lb_loss, z_loss = self.router_losses(route)

@@ -66,15 +66,17 @@ def rank_in_group(group_A: torch.Tensor, order_A: torch.Tensor, num_groups: int)
     return rank_A, counts_G
 
 
-def combine_weights(probs_A: torch.Tensor, kept_A: torch.Tensor, top_k: int, renormalize: bool) -> torch.Tensor:
+def combine_weights(probs_A: torch.Tensor, kept_A: torch.Tensor, top_k: int, renormalize: bool,
+                    scale: float = 1.0) -> torch.Tensor:
     """Router probability of each kept pair, optionally renormalised over the token's kept pairs (GShard, DeepSpeed
-    and fairseq renormalise after dropping; with nothing dropped this equals Mixtral's top-k renormalisation)."""
+    and fairseq renormalise after dropping; with nothing dropped this equals Mixtral's top-k renormalisation), times
+    `scale` (moe.routed_scale: applied to the A weights here, not to the [T, D] output)."""
     weights_A = probs_A * kept_A
-    if not renormalize:
-        return weights_A
-    weights_KT = weights_A.view(top_k, -1)
-    denom_T = weights_KT.sum(dim=0).clamp_min(torch.finfo(weights_A.dtype).eps)
-    return (weights_KT / denom_T).reshape(-1)
+    if renormalize:
+        weights_KT = weights_A.view(top_k, -1)
+        denom_T = weights_KT.sum(dim=0).clamp_min(torch.finfo(weights_A.dtype).eps)
+        weights_A = (weights_KT / denom_T).reshape(-1)
+    return weights_A * scale if scale != 1.0 else weights_A
 
 
 @dataclass
@@ -99,7 +101,7 @@ def _flatten_pairs(ids_TK, probs_TK, active_TK, num_experts: int) -> _Pairs:
 
 
 def capacity_plan(ids_TK, probs_TK, active_TK, num_experts: int, capacity: int, drop_policy: str,
-                  renormalize: bool) -> DispatchPlan:
+                  renormalize: bool, scale: float = 1.0) -> DispatchPlan:
     """Fixed-capacity plan: expert e owns rows [e * C, (e + 1) * C); pairs ranked >= C in their expert are dropped."""
     num_tokens, top_k = ids_TK.shape
     p = _flatten_pairs(ids_TK, probs_TK, active_TK, num_experts)
@@ -112,12 +114,12 @@ def capacity_plan(ids_TK, probs_TK, active_TK, num_experts: int, capacity: int, 
     src_R = torch.full((num_rows + 1,), num_tokens, dtype=torch.long, device=ids_TK.device)
     src_R.scatter_(0, torch.where(kept_A, dest_A, num_rows), p.token_A)
     counts_E = counts_G[:num_experts].clamp_max(capacity)
-    weights_A = combine_weights(p.probs_A, kept_A, top_k, renormalize)
+    weights_A = combine_weights(p.probs_A, kept_A, top_k, renormalize, scale)
     return DispatchPlan(num_tokens, num_experts, top_k, capacity, src_R[:num_rows], dest_A, weights_A, counts_E,
                         kept_A, p.active_A)
 
 
-def dropless_plan(ids_TK, probs_TK, num_experts: int, renormalize: bool) -> DispatchPlan:
+def dropless_plan(ids_TK, probs_TK, num_experts: int, renormalize: bool, scale: float = 1.0) -> DispatchPlan:
     """Dropless plan: every pair is computed; rows are the A pairs sorted by expert (token order inside a group)."""
     num_tokens, top_k = ids_TK.shape
     p = _flatten_pairs(ids_TK, probs_TK, None, num_experts)
@@ -125,6 +127,6 @@ def dropless_plan(ids_TK, probs_TK, num_experts: int, renormalize: bool) -> Disp
     dest_A = torch.empty_like(order_A)
     dest_A[order_A] = torch.arange(order_A.numel(), device=order_A.device)
     counts_E = torch.bincount(p.ids_A, minlength=num_experts)
-    weights_A = combine_weights(p.probs_A, p.active_A, top_k, renormalize)
+    weights_A = combine_weights(p.probs_A, p.active_A, top_k, renormalize, scale)
     return DispatchPlan(num_tokens, num_experts, top_k, None, p.token_A[order_A], dest_A, weights_A, counts_E,
                         p.active_A, p.active_A)
