@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from moe_train.models.moe.experts import GroupedExperts
+from moe_train.models.moe.experts import expert_param_ids
 from moe_train.parallel.context import ParallelContext
 
 
@@ -35,10 +35,6 @@ class Placement:
             return [(self.offsets, self.shape, slice(None))]
         rest_off, rest_shape = self.offsets[1:], self.shape[1:]
         return [((self.offsets[0] + e, *rest_off), (1, *rest_shape), slice(e, e + 1)) for e in range(self.shape[0])]
-
-
-def expert_param_ids(model: nn.Module) -> set[int]:
-    return {id(p) for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()}
 
 
 def placements(model: nn.Module, ctx: ParallelContext) -> dict[str, Placement]:

@@ -14,12 +14,12 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from moe_train.models.moe.experts import GroupedExperts
+from moe_train.models.moe.experts import expert_param_ids
 
 
 def split_expert_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """(dense, expert) trainable parameters; expert = the stacked weights of routed experts."""
-    expert_ids = {id(p) for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()}
+    expert_ids = expert_param_ids(model)
     dense, expert = [], []
     for p in model.parameters():
         if p.requires_grad:

@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moe_train.config.parallel import ParallelConfig
-from moe_train.models.moe.experts import GroupedExperts
+from moe_train.models.moe.experts import expert_param_ids
 from moe_train.parallel.context import ParallelContext
 from moe_train.parallel.expert_parallel import CommCounter, apply_ep
 from moe_train.parallel.tensor_parallel import apply_tp
@@ -27,7 +27,7 @@ def full_state_dict(model: nn.Module, ctx: ParallelContext) -> dict:
     state = model.state_dict()
     if ctx.groups is None:
         return state
-    expert_ids = {id(p) for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()}
+    expert_ids = expert_param_ids(model)
     for name, p in model.named_parameters():
         t = p.detach()
         if hasattr(p, "tp_shard_dim") and ctx.dims.tp > 1:

@@ -8,7 +8,6 @@ Mixtral's w1/w3/w2 per expert.
 from __future__ import annotations
 
 import itertools
-from typing import Optional
 
 import torch
 from torch import nn
@@ -81,6 +80,11 @@ class GroupedExperts(nn.Module):
         groups = capacity_groups(x.shape[1], counts_E) if x.dim() == 3 else dropless_groups(counts_E)
         x_RD = x.reshape(-1, x.shape[-1])
         return expert_loop(x_RD, self.w1, self.w2, self.w3, groups, self.activation).view(x.shape)
+
+
+def expert_param_ids(model: nn.Module) -> set[int]:
+    """ids of the routed experts' stacked weights in `model` (sharded over ep, reduced over edp)."""
+    return {id(p) for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()}
 
 
 def capacity_groups(slots_per_expert: int, counts_E: torch.Tensor) -> list[tuple[int, int, int]]:
