@@ -53,7 +53,6 @@ def measure(model: str, repeats: int) -> dict:
         run_dir = Path(tmp)
         trainer = trainer_for(model, run_dir, f"checkpoint.keep_last={repeats + 1}")
         trainer.train_step(collect_stats=False)
-        trainer.step = 1
         saves, paths = [], []
         for i in range(repeats):
             trainer.step = i + 1

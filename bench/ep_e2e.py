@@ -45,7 +45,6 @@ import dataclasses
 import io
 import json
 import logging
-import math
 import os
 import shlex
 import socket

@@ -12,7 +12,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from moe_train.checkpoint import manager
 from moe_train.checkpoint.placement import Placement, overlap

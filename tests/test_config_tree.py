@@ -3,7 +3,6 @@ with an error naming the key, the value and what is allowed."""
 
 from __future__ import annotations
 
-import pathlib
 
 import pytest
 from hydra.errors import HydraException

@@ -10,9 +10,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from moe_train.cli_config import run_subcommand
-
 from moe_train.checkpoint.manager import read_manifest, verify
+from moe_train.cli_config import run_subcommand
 
 PROG = "moe-train-ckpt"
 
@@ -58,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[list[str]] = None) -> int:
     return run_subcommand(build_parser(), PROG, argv)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -23,7 +23,8 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from moe_train.checkpoint.storage import fsync_path, read_json, sha256_file, shard_metadata, write_json, write_shard
+from moe_train.checkpoint.storage import (fsync_path, read_json, sha256_file, shard_metadata, write_atomic, write_json,
+                                          write_shard)
 
 FORMAT, VERSION = "moe_train.checkpoint", 1
 MANIFEST, LATEST, PARTIAL, DELETING = "manifest.json", "latest", ".partial", ".deleting"
@@ -153,10 +154,11 @@ def save(root: Path, request: SaveRequest, rank: int, distributed: bool, keep_la
     file = shard_name(rank)
     info = write_shard(partial / file, request.tensors, {"checkpoint_id": checkpoint_id, "step": str(request.step),
                                                          "rank": str(rank)})
-    fragments = [{**request.fragment, "rank": rank, "file": file, "info": info}]
+    mine = {**request.fragment, "rank": rank, "file": file, "info": info}
+    fragments = [mine]
     if distributed:
         fragments = [None] * dist.get_world_size() if rank == 0 else None
-        dist.gather_object({**request.fragment, "rank": rank, "file": file, "info": info}, fragments, dst=0)
+        dist.gather_object(mine, fragments, dst=0)  # collective
     if rank == 0:
         manifest = build_manifest(request, checkpoint_id, fragments)
         publish(partial, final, manifest)
@@ -194,8 +196,7 @@ def build_manifest(request: SaveRequest, checkpoint_id: str, fragments: list[dic
 
 def publish(partial: Path, final: Path, manifest: dict) -> None:
     """Manifest last, then the rename, then `latest`: each step is atomic and durable."""
-    write_json(partial / MANIFEST, manifest)
-    fsync_path(partial)
+    write_json(partial / MANIFEST, manifest)  # fsyncs the file and `partial`
     if final.exists():  # re-saving a step (a run resumed from an older checkpoint): replace it whole
         stale = final.with_name(final.name + DELETING)
         shutil.rmtree(stale, ignore_errors=True)
@@ -205,11 +206,7 @@ def publish(partial: Path, final: Path, manifest: dict) -> None:
     else:
         os.rename(partial, final)
     fsync_path(final.parent)
-    latest = final.parent / LATEST
-    tmp = latest.with_name(LATEST + ".tmp")
-    tmp.write_text(final.name + "\n")
-    os.replace(tmp, latest)
-    fsync_path(final.parent)
+    write_atomic(final.parent / LATEST, final.name + "\n")
 
 
 def prune(root: Path, keep_last: int) -> None:

@@ -20,6 +20,11 @@ def chunk_key(tensor_key: str, offsets: tuple[int, ...]) -> str:
     return f"{tensor_key}@{','.join(map(str, offsets))}"
 
 
+def shaped_like(value, p: torch.Tensor) -> bool:
+    """An optimizer state entry stored as chunks like its parameter (exp_avg), as opposed to a scalar (step)."""
+    return torch.is_tensor(value) and value.dim() > 0 and value.shape == p.shape
+
+
 def local_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> Iterator[tuple[str, str, torch.Tensor]]:
     """(param name, tensor key, local tensor) of the model and of every optimizer state shaped like its param."""
     names = {id(p): name for name, p in model.named_parameters()}
@@ -28,7 +33,7 @@ def local_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> Iterato
     for group in optimizer.param_groups:
         for p in group["params"]:
             for key, value in optimizer.state.get(p, {}).items():
-                if torch.is_tensor(value) and value.shape == p.shape and value.dim() > 0:
+                if shaped_like(value, p):
                     yield names[id(p)], f"optim/{names[id(p)]}/{key}", value
 
 
@@ -39,8 +44,7 @@ def optimizer_scalars(model: nn.Module, optimizer: torch.optim.Optimizer,
     out = {}
     for group in optimizer.param_groups:
         for p in (p for p in group["params"] if names[id(p)] in include):
-            scalars = {k: float(v) for k, v in optimizer.state.get(p, {}).items()
-                       if not (torch.is_tensor(v) and v.shape == p.shape and v.dim() > 0)}
+            scalars = {k: float(v) for k, v in optimizer.state.get(p, {}).items() if not shaped_like(v, p)}
             if scalars:
                 out[names[id(p)]] = scalars  # host sync per parameter (small; only when saving)
     return out
@@ -97,4 +101,3 @@ def load_optimizer(model: nn.Module, optimizer, reader: ChunkReader, place: dict
             state[key[len(prefix):]] = buf
         if state:
             optimizer.state[p] = state
-

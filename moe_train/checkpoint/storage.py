@@ -47,15 +47,19 @@ def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str
     return {"size": path.stat().st_size, "sha256": sha256_file(path)}
 
 
-def write_json(path: Path, obj: dict) -> None:
-    """Write JSON via a temporary file and an atomic rename (readers never see half a file)."""
+def write_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file, fsync, atomic rename, fsync of the directory (readers never see half a file)."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_path(path.parent)
+
+
+def write_json(path: Path, obj: dict) -> None:
+    write_atomic(path, json.dumps(obj, indent=1, sort_keys=True))
 
 
 def read_json(path: Path) -> dict:
@@ -99,11 +103,13 @@ class ChunkReader:
             raise ValueError(f"checkpoint tensor {key!r} covers {covered} of the {out.numel()} elements this rank "
                              f"needs at offsets {list(offsets)}: its chunks are incomplete")
 
+    def dtype_of(self, key: str) -> torch.dtype:
+        """The stored dtype of global tensor `key` (read from its first chunk's header)."""
+        first = self.index[key]["chunks"][0]
+        return _dtype(self.handle(first["file"]).get_slice(first["key"]).get_dtype())
+
     def read_full(self, key: str, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        entry = self.index[key]
-        first = entry["chunks"][0]
-        probe = self.handle(first["file"]).get_slice(first["key"])
-        out = torch.empty(entry["global_shape"], dtype=dtype or _dtype(probe.get_dtype()))
+        out = torch.empty(self.index[key]["global_shape"], dtype=dtype or self.dtype_of(key))
         self.read_into(key, out, (0,) * out.dim())
         return out
 

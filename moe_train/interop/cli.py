@@ -54,5 +54,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list[str]] = None) -> int:
     return run_subcommand(build_parser(), PROG, argv)
 
+
 if __name__ == "__main__":
     sys.exit(main())

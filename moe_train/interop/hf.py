@@ -27,10 +27,9 @@ each tensor is read from safetensors and copied into its parameter before the ne
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
@@ -502,7 +501,7 @@ def fold_routed_scale(state: dict, moe_cfg: MoEConfig) -> tuple[dict, MoEConfig]
     if scale == 1.0:
         return state, moe_cfg
     folded = {k: (v * scale if k.endswith(".experts.w2") else v) for k, v in state.items()}
-    return folded, dataclasses.replace(moe_cfg, routed_scale=1.0)
+    return folded, replace(moe_cfg, routed_scale=1.0)
 
 
 def save_mixtral(model: Transformer, path, max_shard_size="5GB") -> None:
@@ -590,13 +589,6 @@ def load_checkpoint_weights(directory, device="cpu", dtype: Optional[torch.dtype
     moe_cfg = _dataclass_from_dict(MoEConfig, config["moe"], str(directory / "manifest.json"))
     chunks = ChunkReader(directory, manifest["tensors"])
     params = [k[len("model/"):] for k in manifest["tensors"] if k.startswith("model/")]
-    stored = _dtype_of_entry(manifest["tensors"].get("model/tok_embeddings.weight"))
-    model = empty_model(model_cfg, moe_cfg, device, dtype or stored)
+    model = empty_model(model_cfg, moe_cfg, device, dtype or chunks.dtype_of("model/tok_embeddings.weight"))
     return fill_model(model, {name: Rename(name) for name in params},
                       lambda key: chunks.read_full(f"model/{key}").to(device))
-
-
-def _dtype_of_entry(entry: Optional[dict]) -> torch.dtype:
-    if entry is None:
-        raise ValueError("checkpoint has no tensor 'model/tok_embeddings.weight'")
-    return getattr(torch, entry["dtype"].removeprefix("torch."))

@@ -206,20 +206,19 @@ class Trainer:
         log_now = self.should_log(step)
         loss, grad_norm, lr = self.train_step(collect_stats=log_now)
         self.step = step
-        window.tokens += self.cfg.train.batch_size * self.cfg.train.seq_len
-        self.tokens_seen += self.cfg.train.batch_size * self.cfg.train.seq_len
+        tokens = self.cfg.train.batch_size * self.cfg.train.seq_len
+        window.tokens += tokens
+        self.tokens_seen += tokens
         window.steps += 1
         if log_now:
             last = self.log_step(step, loss, grad_norm, lr, window)
             progress.update(0, loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
         if self.should_eval(step):
-            start = time.perf_counter()
-            last = {**last, "val_loss": self.log_eval(step)}
-            window.exclude(time.perf_counter() - start)
+            with window.paused():
+                last = {**last, "val_loss": self.log_eval(step)}
         if self.checkpointer.should_save(step, self.cfg.train.max_steps):
-            start = time.perf_counter()
-            self.checkpointer.save(self)  # collective
-            window.exclude(time.perf_counter() - start)
+            with window.paused():
+                self.checkpointer.save(self)  # collective
         progress.update(1)
         return last
 
@@ -261,8 +260,14 @@ class Window:
     def __init__(self, start: float):
         self.start, self.tokens, self.steps, self.excluded = start, 0, 0, 0.0
 
-    def exclude(self, seconds: float) -> None:
-        self.excluded += seconds
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside (evaluation, checkpoint saves) does not count as training time."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.excluded += time.perf_counter() - start
 
     def rate(self, now: float) -> float:
         rate = self.tokens / max(now - self.start - self.excluded, 1e-9)
