@@ -4,6 +4,7 @@ pruning, and the inspect CLI. Placement arithmetic is tested on its own."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import pickle
@@ -12,9 +13,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from moe_train.checkpoint import manager
-from moe_train.checkpoint.placement import Placement, overlap
+from moe_train.checkpoint.placement import Placement, flat_blocks, overlap
 from moe_train.cli_config import compose_config
 from moe_train.config import validate_config
 from moe_train.training.trainer import Trainer
@@ -59,7 +61,33 @@ def test_overlap_of_regions():
 def test_expert_stacks_are_chunked_by_global_expert_id():
     place = Placement(global_shape=(8, 3), offsets=(4, 0), shape=(4, 3), per_expert=True, writer=True)
     assert [c[0] for c in place.chunks()] == [(4, 0), (5, 0), (6, 0), (7, 0)]
-    assert place.chunks()[1][2] == slice(1, 2)
+    assert place.chunks()[1][2] == slice(3, 6)  # flat elements of local expert 1
+
+
+def test_a_flat_fragment_is_stored_as_chunks_of_the_global_tensor():
+    # a ZeRO partition holding elements [4, 11) of a local [4, 3] expert stack that is experts 4-7 of 8
+    place = Placement(global_shape=(8, 3), offsets=(4, 0), shape=(4, 3), per_expert=True, writer=True)
+    chunks = place.chunks(4, 11)
+    assert [(off, shape) for off, shape, _ in chunks] == [((5, 1), (1, 2)), ((6, 0), (1, 3)), ((7, 0), (1, 2))]
+    assert [flat for _, _, flat in chunks] == [slice(4, 6), slice(6, 9), slice(9, 11)]
+    dense = Placement(global_shape=(4, 3), offsets=(0, 0), shape=(4, 3), per_expert=False, writer=True)
+    assert [(off, shape) for off, shape, _ in dense.chunks(2, 10)] == [((0, 2), (1, 1)), ((1, 0), (2, 3)),
+                                                                       ((3, 0), (1, 1))]
+
+
+def test_flat_blocks_tile_any_range():
+    random = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        shape = tuple(torch.randint(1, 5, (int(torch.randint(0, 5, (1,), generator=random)),),
+                                    generator=random).tolist())
+        numel = math.prod(shape)
+        start, stop = sorted(torch.randint(0, numel + 1, (2,), generator=random).tolist())
+        values, seen = torch.arange(numel).view(shape), []
+        for off, block, first, end in flat_blocks(shape, start, stop):
+            region = values[tuple(slice(o, o + n) for o, n in zip(off, block))]
+            assert region.reshape(-1).tolist() == list(range(first, end))
+            seen += list(range(first, end))
+        assert seen == list(range(start, stop))
 
 
 # -- exact resume ---------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from moe_train.checkpoint import manager
+from moe_train.checkpoint.holders import state_holder
 from moe_train.checkpoint.placement import placements
 from moe_train.checkpoint.state import load_model, load_optimizer, rank_share, restore_rng, rng_tensors
 from moe_train.checkpoint.storage import ChunkReader
@@ -54,11 +55,15 @@ class Checkpointer:
 
 
 def save_request(trainer: "Trainer") -> manager.SaveRequest:
-    tensors, index, scalars = rank_share(trainer.model, trainer.optimizer, trainer.ctx,
+    tensors, index, scalars = rank_share(trainer.model, holder_of(trainer), trainer.ctx,
                                          manager.shard_name(trainer.rank))
     rng = rng_tensors(trainer.device)
     fragment = {"index": index, "rng": sorted(rng), "scalars": scalars}
     return manager.SaveRequest(trainer.step, {**tensors, **rng}, fragment, manifest_extra(trainer))
+
+
+def holder_of(trainer: "Trainer"):
+    return state_holder(trainer.optimizer, trainer.cfg.zero.stage)
 
 
 def manifest_extra(trainer: "Trainer") -> dict:
@@ -93,8 +98,9 @@ def check_compatible(manifest: dict, trainer: "Trainer") -> None:
 def restore(trainer: "Trainer", directory: Path, manifest: dict) -> None:
     reader = ChunkReader(directory, manifest["tensors"])
     place = placements(trainer.model, trainer.ctx)
-    load_model(trainer.model, reader, place)
-    load_optimizer(trainer.model, trainer.optimizer, reader, place, manifest["optimizer_scalars"])
+    holder = holder_of(trainer)
+    load_model(trainer.model, holder, reader, place)
+    load_optimizer(trainer.model, holder, reader, place, manifest["optimizer_scalars"])
     state = manifest["trainer"]
     trainer.step, trainer.tokens_seen = int(state["step"]), int(state["tokens"])
     fast_forward_schedule(trainer.scheduler, trainer.step)

@@ -11,6 +11,7 @@ ranks of expert-data-parallel rank 0 (one per ep and tp shard).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from torch import nn
@@ -29,12 +30,47 @@ class Placement:
     per_expert: bool  # chunk along dim 0, one chunk per (global) expert
     writer: bool  # this rank stores the region (exactly one rank per region does)
 
-    def chunks(self) -> list[tuple[tuple[int, ...], tuple[int, ...], slice]]:
-        """(global offsets, shape, local dim-0 slice) of each chunk this region is stored as."""
+    def chunks(self, start: int = 0, stop: int | None = None) -> list[tuple[tuple[int, ...], tuple[int, ...], slice]]:
+        """(global offsets, shape, flat slice) of each chunk that elements [start, stop) of the flattened local
+        tensor are stored as (default: all of it). A flat range of a row-major tensor is a run of rectangular
+        blocks, each a contiguous sub-range; experts are never mixed in one chunk."""
+        stop = math.prod(self.shape) if stop is None else stop
         if not self.per_expert:
-            return [(self.offsets, self.shape, slice(None))]
-        rest_off, rest_shape = self.offsets[1:], self.shape[1:]
-        return [((self.offsets[0] + e, *rest_off), (1, *rest_shape), slice(e, e + 1)) for e in range(self.shape[0])]
+            return self._to_global(flat_blocks(self.shape, start, stop), (0,) * len(self.shape), 0)
+        inner = math.prod(self.shape[1:])
+        out = []
+        for e in range(start // inner, -(-stop // inner) if inner else 0):
+            lo, hi = max(start, e * inner), min(stop, (e + 1) * inner)
+            blocks = [((0, *off), (1, *shape), a, b) for off, shape, a, b in flat_blocks(self.shape[1:], lo - e * inner,
+                                                                                         hi - e * inner)]
+            out += self._to_global(blocks, (e,) + (0,) * (len(self.shape) - 1), e * inner)
+        return out
+
+    def _to_global(self, blocks, base: tuple[int, ...], flat_base: int):
+        return [(tuple(o + b + x for o, b, x in zip(self.offsets, base, off)), shape,
+                 slice(flat_base + a, flat_base + b)) for off, shape, a, b in blocks]
+
+
+def flat_blocks(shape: tuple[int, ...], start: int, stop: int) -> list[tuple[tuple, tuple, int, int]]:
+    """Elements [start, stop) of a row-major tensor of `shape` as rectangular blocks (offsets, shape, first, end),
+    in order, each block the contiguous flat range [first, end): a partial first row, whole rows, a partial last
+    row, the partial rows split the same way one dimension down (at most 2 * ndim - 1 blocks)."""
+    if start >= stop:
+        return []
+    if not shape:
+        return [((), (), start, stop)]
+    if len(shape) == 1:
+        return [((start,), (stop - start,), start, stop)]
+    inner = math.prod(shape[1:])
+    first, last = start // inner, (stop - 1) // inner
+    if first == last or start % inner:
+        head_stop = min(stop, (first + 1) * inner)
+        head = [((first, *off), (1, *s), first * inner + a, first * inner + b)
+                for off, s, a, b in flat_blocks(shape[1:], start - first * inner, head_stop - first * inner)]
+        return head + flat_blocks(shape, head_stop, stop)
+    whole = stop // inner  # rows [first, whole) are complete
+    body = [((first, *(0,) * (len(shape) - 1)), (whole - first, *shape[1:]), first * inner, whole * inner)]
+    return body + flat_blocks(shape, whole * inner, stop)
 
 
 def placements(model: nn.Module, ctx: ParallelContext) -> dict[str, Placement]:
@@ -45,7 +81,7 @@ def placements(model: nn.Module, ctx: ParallelContext) -> dict[str, Placement]:
 
 def param_placement(p: nn.Parameter, is_expert: bool, ctx: ParallelContext) -> Placement:
     dims = ctx.dims
-    shape = tuple(p.shape)
+    shape = tuple(getattr(p, "ds_shape", p.shape))  # ZeRO 3 empties p; its local (unpartitioned) shape stays here
     global_shape, offsets = list(shape), [0] * len(shape)
     tp_dim = getattr(p, "tp_shard_dim", None)
     if tp_dim is not None and dims.tp > 1:

@@ -6,8 +6,6 @@ tensors stored as chunks (placement.py). Per-parameter optimizer scalars (AdamW'
 
 from __future__ import annotations
 
-from typing import Iterator
-
 import torch
 from torch import nn
 
@@ -20,53 +18,30 @@ def chunk_key(tensor_key: str, offsets: tuple[int, ...]) -> str:
     return f"{tensor_key}@{','.join(map(str, offsets))}"
 
 
-def shaped_like(value, p: torch.Tensor) -> bool:
-    """An optimizer state entry stored as chunks like its parameter (exp_avg), as opposed to a scalar (step)."""
-    return torch.is_tensor(value) and value.dim() > 0 and value.shape == p.shape
-
-
-def local_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> Iterator[tuple[str, str, torch.Tensor]]:
-    """(param name, tensor key, local tensor) of the model and of every optimizer state shaped like its param."""
-    names = {id(p): name for name, p in model.named_parameters()}
-    for name, p in model.named_parameters():
-        yield name, f"model/{name}", p.detach()
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            for key, value in optimizer.state.get(p, {}).items():
-                if shaped_like(value, p):
-                    yield names[id(p)], f"optim/{names[id(p)]}/{key}", value
-
-
-def optimizer_scalars(model: nn.Module, optimizer: torch.optim.Optimizer,
-                      include: set[str]) -> dict[str, dict[str, float]]:
-    """Per parameter named in `include`, the optimizer state entries not shaped like it (AdamW's `step`)."""
-    names = {id(p): name for name, p in model.named_parameters()}
-    out = {}
-    for group in optimizer.param_groups:
-        for p in (p for p in group["params"] if names[id(p)] in include):
-            scalars = {k: float(v) for k, v in optimizer.state.get(p, {}).items() if not shaped_like(v, p)}
-            if scalars:
-                out[names[id(p)]] = scalars  # host sync per parameter (small; only when saving)
-    return out
-
-
-def rank_share(model: nn.Module, optimizer, ctx: ParallelContext, file: str) -> tuple[dict, dict, dict]:
+def rank_share(model: nn.Module, holder, ctx: ParallelContext, file: str) -> tuple[dict, dict, dict]:
     """(tensors this rank writes to `file` by chunk key, their index entries by tensor key, the optimizer scalars
-    of the parameters it writes)."""
+    of the parameters whose state it writes). `holder`: who holds weights and optimizer state (holders.py)."""
     place = placements(model, ctx)
-    tensors, index = {}, {}
-    for name, key, local in local_tensors(model, optimizer):
-        p = place[name]
-        if not p.writer:
-            continue
-        entry = index.setdefault(key, {"global_shape": list(p.global_shape), "dtype": str(local.dtype),
-                                       "chunks": []})
-        for offsets, shape, rows in p.chunks():
-            ck = chunk_key(key, offsets)
-            tensors[ck] = local[rows]
-            entry["chunks"].append({"file": file, "key": ck, "offsets": list(offsets), "shape": list(shape)})
-    scalars = optimizer_scalars(model, optimizer, {name for name, p in place.items() if p.writer})
-    return tensors, index, scalars
+    tensors, index, scalars = {}, {}, {}
+    for name, p in model.named_parameters():
+        pl = place[name]
+        for start, flat in holder.weights(p, pl.writer):
+            add_chunks(tensors, index, f"model/{name}", pl, start, flat, file)
+        for start, state in holder.fragments(p, pl.writer):
+            for key, flat in state.items():
+                add_chunks(tensors, index, f"optim/{name}/{key}", pl, start, flat, file)
+            scalars[name] = holder.scalars(p)  # host sync per parameter (small; only when saving)
+    return tensors, index, {name: values for name, values in scalars.items() if values}
+
+
+def add_chunks(tensors: dict, index: dict, key: str, place: Placement, start: int, flat: torch.Tensor,
+               file: str) -> None:
+    """Store elements [start, start + len(flat)) of the flattened local tensor `key` as chunks of its global tensor."""
+    entry = index.setdefault(key, {"global_shape": list(place.global_shape), "dtype": str(flat.dtype), "chunks": []})
+    for offsets, shape, elements in place.chunks(start, start + flat.numel()):
+        ck = chunk_key(key, offsets)
+        tensors[ck] = flat[elements.start - start:elements.stop - start].view(shape)
+        entry["chunks"].append({"file": file, "key": ck, "offsets": list(offsets), "shape": list(shape)})
 
 
 def rng_tensors(device: torch.device) -> dict[str, torch.Tensor]:
@@ -82,22 +57,27 @@ def restore_rng(states: dict[str, torch.Tensor], device: torch.device) -> None:
         torch.cuda.set_rng_state(states["rng/cuda"], device)
 
 
+def read_local(reader: ChunkReader, key: str, p: torch.Tensor, place: Placement) -> torch.Tensor:
+    """The whole local region of global tensor `key` for parameter p."""
+    out = torch.empty(place.shape, dtype=p.dtype, device=p.device)
+    reader.read_into(key, out, place.offsets)
+    return out
+
+
 @torch.no_grad()
-def load_model(model: nn.Module, reader: ChunkReader, place: dict[str, Placement]) -> None:
+def load_model(model: nn.Module, holder, reader: ChunkReader, place: dict[str, Placement]) -> None:
     for name, p in model.named_parameters():
-        reader.read_into(f"model/{name}", p.data, place[name].offsets)
+        holder.load_weights(p, read_local(reader, f"model/{name}", p, place[name]))
 
 
 @torch.no_grad()
-def load_optimizer(model: nn.Module, optimizer, reader: ChunkReader, place: dict[str, Placement],
+def load_optimizer(model: nn.Module, holder, reader: ChunkReader, place: dict[str, Placement],
                    scalars: dict[str, dict[str, float]]) -> None:
-    """Rebuild each parameter's optimizer state from the chunks of its region (the layout may differ)."""
+    """Rebuild each parameter's optimizer state from the chunks of its region (the layout may differ), then let
+    the holder finish (ZeRO: the fp32 master partitions from the loaded weights)."""
     for name, p in model.named_parameters():
         prefix = f"optim/{name}/"
-        state = {k: torch.tensor(v, dtype=torch.float32) for k, v in scalars.get(name, {}).items()}
-        for key in (k for k in reader.index if k.startswith(prefix)):
-            buf = torch.empty_like(p, memory_format=torch.contiguous_format)
-            reader.read_into(key, buf, place[name].offsets)
-            state[key[len(prefix):]] = buf
-        if state:
-            optimizer.state[p] = state
+        tensors = {key[len(prefix):]: read_local(reader, key, p, place[name])
+                   for key in reader.index if key.startswith(prefix)}
+        holder.load(p, tensors, scalars.get(name, {}))
+    holder.finish_load()

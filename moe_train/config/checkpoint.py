@@ -21,15 +21,10 @@ class CheckpointConfig:
     ones; a fresh start if there is none); or the path of a step_XXXXXXXX checkpoint directory."""
 
 
-def validate_checkpoint_config(cfg: CheckpointConfig, zero_stage: int = -1) -> None:
+def validate_checkpoint_config(cfg: CheckpointConfig) -> None:
     if cfg.every < 0:
         raise ValueError(f"checkpoint.every={cfg.every} must be >= 0 (0 = never save)")
     if cfg.keep_last < 1:
         raise ValueError(f"checkpoint.keep_last={cfg.keep_last} must be >= 1")
     if not isinstance(cfg.resume, str) or not cfg.resume.strip():
         raise ValueError(f"checkpoint.resume={cfg.resume!r} must be 'none', 'auto' or a checkpoint directory")
-    if (cfg.every > 0 or cfg.resume != "none") and zero_stage >= 0:
-        raise ValueError(f"checkpoint.every={cfg.every}, checkpoint.resume={cfg.resume!r} with zero.stage={zero_stage}: "
-                         f"checkpoints of DeepSpeed-partitioned optimizer state are not supported yet; allowed: "
-                         f"zero.stage=-1 (moe_train's own optimizer, any dp/ep/tp layout) or checkpoint.every=0 and "
-                         f"checkpoint.resume=none")

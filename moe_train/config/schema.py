@@ -40,7 +40,7 @@ def validate_config(cfg: Config, world_size: int = 1) -> ParallelDims:
     validate_optim_config(cfg.optim)
     validate_train_config(cfg.train)
     validate_logging_config(cfg.logger)
-    validate_checkpoint_config(cfg.checkpoint, cfg.zero.stage)
+    validate_checkpoint_config(cfg.checkpoint)
     validate_parallel_config(cfg.parallel)
     validate_zero_config(cfg.zero, cfg.parallel.ep, cfg.parallel.tp, world_size)
     dims = resolve_dims(cfg.parallel, world_size, cfg.model, cfg.moe)

@@ -40,9 +40,9 @@ carries the CPU collectives here). DeepSpeed creates its expert groups itself; o
 hold the same ranks as our mesh's ep and edp groups (mesh.py: rank = (edp_index * ep + ep_index) * tp + tp_index;
 with tp = 1 both put an ep group on consecutive ranks and an edp group on ranks ep apart).
 
-Not supported yet: zero.stage >= 0 with parallel.tp > 1 (no DeepSpeed mpu), on one process, or with
-engine.save_checkpoint; moe_train's checkpoints (moe_train/checkpoint/) are refused under zero.stage >= 0 until
-they read and write DeepSpeed's partitioned optimizer state.
+Not supported yet: zero.stage >= 0 with parallel.tp > 1 (no DeepSpeed mpu) or on one process. Checkpoints are
+moe_train's own (each rank writes the ZeRO partitions it holds: moe_train/checkpoint/holders.py), not
+engine.save_checkpoint.
 """
 
 from __future__ import annotations
