@@ -7,10 +7,12 @@ from __future__ import annotations
 import pathlib
 
 import pytest
+import torch
 
+from moe_train.interop.hf import load_checkpoint_weights
 from multiproc import run_ranks
 from test_checkpoint_distributed import train
-from test_distributed_train import overrides
+from test_distributed_train import make_trainer, overrides
 
 STEPS, HALF = 12, 6
 SCHEDULE = (f"optim.decay_steps={STEPS}",)
@@ -73,3 +75,6 @@ def test_zero3_resumes_bit_for_bit_and_its_checkpoint_loads_without_deepspeed(ze
     assert resumed == full[HALF:]
     alone = train(0, 1, args_for(1, 1, -1, f"train.max_steps={STEPS}", checkpoint_of(half)), str(tmp_path / "one"))
     assert alone == pytest.approx(full[HALF:], abs=1e-5)
+    resumed_model = make_trainer(args_for(1, 1, -1, checkpoint_of(half)), 1, 0, tmp_path / "view").model
+    whole = load_checkpoint_weights(half / "checkpoints" / f"step_{HALF:08d}")  # what to-hf converts
+    assert all(torch.equal(whole.state_dict()[k], v) for k, v in resumed_model.state_dict().items())
