@@ -82,8 +82,10 @@ def test_sigkill_at_random_moments_then_resume_auto(uninterrupted, tmp_path):
     run, rng = tmp_path / "run", random.Random(0)
     kills, during_save, history = 0, False, []
     while kills < 6:
-        proc = subprocess.Popen(torchrun(run, script="-m moe_train.train checkpoint.resume=auto"), env=env(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        stderr = tmp_path / f"launch{len(history)}.err"  # read back only when a launch fails
+        with open(stderr, "w") as err:
+            proc = subprocess.Popen(torchrun(run, script="-m moe_train.train checkpoint.resume=auto"), env=env(),
+                                    stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
         if not during_save:
             during_save = kill_during_save(run, proc)
         else:
@@ -93,7 +95,7 @@ def test_sigkill_at_random_moments_then_resume_auto(uninterrupted, tmp_path):
             kill_job(proc)
         kills += proc.returncode == -signal.SIGKILL
         history.append((proc.returncode, len(losses(run)), sorted(p.name for p in run.glob("checkpoints/step_*"))))
-        assert proc.returncode in (0, -signal.SIGKILL)
+        assert proc.returncode in (0, -signal.SIGKILL), (history, stderr.read_text()[-3000:])
         if proc.returncode == 0:
             break
     assert kills >= 5 and during_save, history  # (return code, steps logged, checkpoint dirs) per launch
