@@ -82,12 +82,15 @@ def test_flat_blocks_tile_any_range():
                                     generator=random).tolist())
         numel = math.prod(shape)
         start, stop = sorted(torch.randint(0, numel + 1, (2,), generator=random).tolist())
-        values, seen = torch.arange(numel).view(shape), []
-        for off, block, first, end in flat_blocks(shape, start, stop):
-            region = values[tuple(slice(o, o + n) for o, n in zip(off, block))]
-            assert region.reshape(-1).tolist() == list(range(first, end))
-            seen += list(range(first, end))
-        assert seen == list(range(start, stop))
+        values = torch.arange(numel).view(shape)
+        for rows_apart in (False, True):
+            seen = []
+            for off, block, first, end in flat_blocks(shape, start, stop, rows_apart):
+                region = values[tuple(slice(o, o + n) for o, n in zip(off, block))]
+                assert region.reshape(-1).tolist() == list(range(first, end))
+                assert not (rows_apart and shape and block[0] != 1)
+                seen += list(range(first, end))
+            assert seen == list(range(start, stop))
 
 
 # -- exact resume ---------------------------------------------------------------------------------------------------

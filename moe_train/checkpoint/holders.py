@@ -24,14 +24,15 @@ import torch
 import torch.distributed as dist
 
 
-def shaped_like(value, p: torch.Tensor) -> bool:
-    """An optimizer state entry stored as chunks like its parameter (exp_avg), as opposed to a scalar (step)."""
-    return torch.is_tensor(value) and value.dim() > 0 and value.shape == p.shape
+def per_element(value) -> bool:
+    """An optimizer state entry with one value per parameter element (exp_avg), stored as chunks; the others are
+    scalars (AdamW's step), stored in JSON."""
+    return torch.is_tensor(value) and value.dim() > 0
 
 
 def scalars_of(state: dict) -> dict[str, float]:
-    """The entries of one state dict that are not tensors of elements (AdamW's step); a host sync each."""
-    return {k: float(v) for k, v in state.items() if not (torch.is_tensor(v) and v.dim() > 0)}
+    """The scalar entries of one state dict; a host sync each."""
+    return {k: float(v) for k, v in state.items() if not per_element(v)}
 
 
 class TorchState:
@@ -40,6 +41,10 @@ class TorchState:
 
     def __init__(self, optimizer: torch.optim.Optimizer):
         self.optimizer = optimizer
+
+    def holds(self, p: torch.Tensor) -> bool:
+        """Whether this rank holds any of p's optimizer state (else loading skips reading it)."""
+        return True
 
     def weights(self, p: torch.Tensor, writer: bool) -> Iterator[tuple[int, torch.Tensor]]:
         """(first element in the flattened parameter, flat range) of what this rank stores of p's weights."""
@@ -53,12 +58,13 @@ class TorchState:
     def fragments(self, p: torch.Tensor, writer: bool) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         """(first element in the flattened parameter, {state key: flat range}) of what this rank stores of p's
         optimizer state."""
-        state = {k: v.reshape(-1) for k, v in self.optimizer.state.get(p, {}).items() if shaped_like(v, p)}
+        state = {k: v.reshape(-1) for k, v in self.optimizer.state.get(p, {}).items()
+                 if per_element(v) and v.shape == p.shape}
         if writer and state:
             yield 0, state
 
     def scalars(self, p: torch.Tensor) -> dict[str, float]:
-        return scalars_of({k: v for k, v in self.optimizer.state.get(p, {}).items() if not shaped_like(v, p)})
+        return scalars_of(self.optimizer.state.get(p, {}))
 
     def load(self, p: torch.Tensor, tensors: dict[str, torch.Tensor], scalars: dict[str, float]) -> None:
         """tensors: the whole local state, shaped like p."""
@@ -83,13 +89,15 @@ class PartitionedState(TorchState):
         range on this rank; None if it holds none of p."""
         raise NotImplementedError
 
+    def holds(self, p: torch.Tensor) -> bool:
+        return self.locate(p) is not None
+
     def fragments(self, p: torch.Tensor, writer: bool) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
         where = self.locate(p)
         if where is None:
             return
         flat, offset, start, count = where
-        state = {k: v.narrow(0, offset, count) for k, v in self.optimizer.state.get(flat, {}).items()
-                 if torch.is_tensor(v) and v.dim() > 0}
+        state = {k: v.narrow(0, offset, count) for k, v in self.optimizer.state.get(flat, {}).items() if per_element(v)}
         if state:
             yield start, state
 

@@ -32,45 +32,34 @@ class Placement:
 
     def chunks(self, start: int = 0, stop: int | None = None) -> list[tuple[tuple[int, ...], tuple[int, ...], slice]]:
         """(global offsets, shape, flat slice) of each chunk that elements [start, stop) of the flattened local
-        tensor are stored as (default: all of it). A flat range of a row-major tensor is a run of rectangular
-        blocks, each a contiguous sub-range; experts are never mixed in one chunk."""
+        tensor are stored as (default: all of it); experts are never mixed in one chunk."""
         stop = math.prod(self.shape) if stop is None else stop
-        if not self.per_expert:
-            return self._to_global(flat_blocks(self.shape, start, stop), (0,) * len(self.shape), 0)
-        inner = math.prod(self.shape[1:])
-        out = []
-        for e in range(start // inner, -(-stop // inner) if inner else 0):
-            lo, hi = max(start, e * inner), min(stop, (e + 1) * inner)
-            blocks = [((0, *off), (1, *shape), a, b) for off, shape, a, b in flat_blocks(self.shape[1:], lo - e * inner,
-                                                                                         hi - e * inner)]
-            out += self._to_global(blocks, (e,) + (0,) * (len(self.shape) - 1), e * inner)
-        return out
-
-    def _to_global(self, blocks, base: tuple[int, ...], flat_base: int):
-        return [(tuple(o + b + x for o, b, x in zip(self.offsets, base, off)), shape,
-                 slice(flat_base + a, flat_base + b)) for off, shape, a, b in blocks]
+        return [(tuple(o + x for o, x in zip(self.offsets, off)), shape, slice(first, end))
+                for off, shape, first, end in flat_blocks(self.shape, start, stop, rows_apart=self.per_expert)]
 
 
-def flat_blocks(shape: tuple[int, ...], start: int, stop: int) -> list[tuple[tuple, tuple, int, int]]:
+def flat_blocks(shape: tuple[int, ...], start: int, stop: int,
+                rows_apart: bool = False) -> list[tuple[tuple, tuple, int, int]]:
     """Elements [start, stop) of a row-major tensor of `shape` as rectangular blocks (offsets, shape, first, end),
     in order, each block the contiguous flat range [first, end): a partial first row, whole rows, a partial last
-    row, the partial rows split the same way one dimension down (at most 2 * ndim - 1 blocks)."""
-    if start >= stop:
-        return []
+    row, the partial rows split the same way one dimension down (at most 2 * ndim - 1 blocks). rows_apart: one
+    block per dim-0 row at most (one chunk per expert)."""
     if not shape:
-        return [((), (), start, stop)]
-    if len(shape) == 1:
-        return [((start,), (stop - start,), start, stop)]
+        return [((), (), start, stop)] if start < stop else []
     inner = math.prod(shape[1:])
-    first, last = start // inner, (stop - 1) // inner
-    if first == last or start % inner:
-        head_stop = min(stop, (first + 1) * inner)
-        head = [((first, *off), (1, *s), first * inner + a, first * inner + b)
-                for off, s, a, b in flat_blocks(shape[1:], start - first * inner, head_stop - first * inner)]
-        return head + flat_blocks(shape, head_stop, stop)
-    whole = stop // inner  # rows [first, whole) are complete
-    body = [((first, *(0,) * (len(shape) - 1)), (whole - first, *shape[1:]), first * inner, whole * inner)]
-    return body + flat_blocks(shape, whole * inner, stop)
+    blocks = []
+    while start < stop:
+        row = start // inner
+        row_end = (row + 1) * inner
+        if start % inner or stop < row_end or rows_apart:  # (part of) one row
+            end = min(stop, row_end)
+            blocks += [((row, *off), (1, *s), row * inner + a, row * inner + b)
+                       for off, s, a, b in flat_blocks(shape[1:], start - row * inner, end - row * inner)]
+        else:  # whole rows
+            end = stop // inner * inner
+            blocks.append(((row, *(0,) * (len(shape) - 1)), (end // inner - row, *shape[1:]), start, end))
+        start = end
+    return blocks
 
 
 def placements(model: nn.Module, ctx: ParallelContext) -> dict[str, Placement]:

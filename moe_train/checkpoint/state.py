@@ -75,7 +75,7 @@ def load_optimizer(model: nn.Module, holder, reader: ChunkReader, place: dict[st
                    scalars: dict[str, dict[str, float]]) -> None:
     """Rebuild each parameter's optimizer state from the chunks of its region (the layout may differ), then let
     the holder finish (ZeRO: the fp32 master partitions from the loaded weights)."""
-    for name, p in model.named_parameters():
+    for name, p in (item for item in model.named_parameters() if holder.holds(item[1])):
         prefix = f"optim/{name}/"
         tensors = {key[len(prefix):]: read_local(reader, key, p, place[name])
                    for key in reader.index if key.startswith(prefix)}
