@@ -71,3 +71,30 @@ def test_ep2_outputs_and_gradients_equal_single_process(mode):
     assert results[0]["counts"].sum() > 0
     if mode == "skewed":
         assert results[0]["counts"][2:].sum() == 0 and results[1]["counts"][2:].sum() == 0
+
+
+def run_ep_layer_bf16(rank: int, world_size: int, mode: str) -> dict:
+    """Under bf16 autocast: the dtypes the all-to-all sends (forward), the output and the expert gradients."""
+    import torch.distributed as dist
+
+    import moe_train.parallel.expert_parallel as ep
+
+    sent = []
+    exchange = ep.all_to_all
+    ep.all_to_all = lambda x, *args, **kwargs: sent.append(x.dtype) or exchange(x, *args, **kwargs)
+    layer = layer_for(mode)
+    model = torch.nn.Module()
+    model.moe_layers = lambda: [layer]
+    ep.apply_ep(model, dist.group.WORLD, rank, world_size)
+    x, g = inputs(rank, mode)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, aux = layer(x)
+    ((out * g).sum() + aux).backward()
+    return {"sent": sent, "out": out.dtype, "w1_grad": layer.experts.w1.grad.dtype}
+
+
+@pytest.mark.parametrize("mode", ["capacity", "dropless"])
+def test_ep2_all_to_all_carries_bf16_under_autocast(mode):
+    for res in run_ranks(2, run_ep_layer_bf16, mode):
+        assert res["sent"] == [torch.bfloat16, torch.bfloat16], res  # dispatch and combine
+        assert res["out"] == torch.float32 and res["w1_grad"] == torch.float32  # float32 masters

@@ -19,6 +19,35 @@ import torch.nn.functional as F
 from moe_train.models.moe.routing import DispatchPlan
 
 
+class _GatherRows(torch.autograd.Function):
+    """out_M = x_N[index_M] whose backward is a gather as well: grad_x[n] = sum_k grad_out[inverse_KN[k, n]].
+
+    torch's index_select backward is an index_add: on CUDA one atomic add per element (two passes of K * T * D
+    atomics per MoE layer, forward and combine), with 16-bit rounding in arrival order. Every row of a dispatch plan
+    has one source and every source K known rows (the plan's inverse maps), so both directions are plain gathers.
+    `pad_x` / `pad_grad`: index_M may name row N, inverse_KN row M: a zero row appended (empty slot, dropped pair).
+    """
+
+    @staticmethod
+    def forward(ctx, x_ND, index_M, inverse_KN, pad_x: bool, pad_grad: bool):
+        ctx.save_for_backward(inverse_KN)
+        ctx.pad_grad = pad_grad
+        return (F.pad(x_ND, (0, 0, 0, 1)) if pad_x else x_ND).index_select(0, index_M)
+
+    @staticmethod
+    def backward(ctx, grad_MD):
+        (inverse_KN,) = ctx.saved_tensors
+        grad = F.pad(grad_MD, (0, 0, 0, 1)) if ctx.pad_grad else grad_MD
+        grad_KND = grad.index_select(0, inverse_KN.reshape(-1)).view(*inverse_KN.shape, grad_MD.shape[-1])
+        grad_ND = grad_KND[0] if inverse_KN.shape[0] == 1 else grad_KND.sum(0, dtype=torch.float32)
+        return grad_ND.to(grad_MD.dtype), None, None, None, None
+
+
+def gather_rows(x_ND: torch.Tensor, index_M: torch.Tensor, inverse_KN: torch.Tensor, pad_x: bool = False,
+                pad_grad: bool = False) -> torch.Tensor:
+    return _GatherRows.apply(x_ND, index_M, inverse_KN, pad_x, pad_grad)
+
+
 @dataclass
 class ExpertBatch:
     """What this process's experts run on, and what `combine` needs to bring their output back."""
@@ -44,10 +73,12 @@ class LocalDispatcher:
 
     # -- local steps (no communication) -------------------------------------------------------------------------
     def dispatch_preprocess(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-        # One gather from x plus a zero pad row for empty capacity slots; its backward is one index_add into x.
-        x_pad_TD = F.pad(x_TD, (0, 0, 0, 1))
-        x_RD = x_pad_TD.index_select(0, plan.src_R)
-        if plan.capacity is None:
+        # One gather from x (plus a zero pad row for empty capacity slots); its backward gathers each token's K
+        # rows (a dropped pair reads the zero row R).
+        capacity = plan.capacity is not None
+        rows_KT = (torch.where(plan.kept_A, plan.dest_A, plan.src_R.numel()) if capacity else plan.dest_A)
+        x_RD = gather_rows(x_TD, plan.src_R, rows_KT.view(plan.top_k, -1), pad_x=capacity, pad_grad=capacity)
+        if not capacity:
             return x_RD
         return x_RD.view(plan.num_experts, plan.capacity, x_TD.shape[-1])
 
@@ -58,9 +89,14 @@ class LocalDispatcher:
         return y
 
     def combine_postprocess(self, y: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        # Weighted sum over each token's K pairs in the weights' dtype (float32): a 16-bit y is promoted by the
+        # multiply, so the K-term sum and the router weights' gradient are not rounded to 16 bits. Cost: a
+        # [K, T, D] float32 product (the H100 profile in docs/GPU.md); a 16-bit product would halve that traffic.
         d_model = y.shape[-1]
-        y_AD = y.reshape(-1, d_model).index_select(0, plan.dest_A)
-        weights_KT1 = plan.weights_A.to(y.dtype).view(plan.top_k, plan.num_tokens, 1)
+        # Backward: each row's gradient is its pair's (an empty slot's, pair A, is the zero row).
+        y_AD = gather_rows(y.reshape(-1, d_model), plan.dest_A, plan.pair_R.view(1, -1),
+                           pad_grad=plan.capacity is not None)
+        weights_KT1 = plan.weights_A.view(plan.top_k, plan.num_tokens, 1)
         return (y_AD.view(plan.top_k, plan.num_tokens, d_model) * weights_KT1).sum(dim=0)
 
     # -- communication steps (identity for a single rank) --------------------------------------------------------

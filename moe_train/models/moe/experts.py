@@ -3,6 +3,10 @@
 Shape legend: T tokens, D model width, F expert hidden width, E experts, C capacity, R grouped rows.
 Weights: w1_EFD (gate / first projection), w3_EFD (up projection, SwiGLU only), w2_EDF (down projection); these are
 Mixtral's w1/w3/w2 per expert.
+
+Precision: weights are float32 masters; under autocast every implementation runs its GEMMs on operands cast to the
+autocast dtype here (`compute_dtype`), because `torch._grouped_mm` and the loop's `out=` matmuls are not autocast
+ops: without the cast a bf16 run silently computed its experts in float32 (3.4x slower on an H100).
 """
 
 from __future__ import annotations
@@ -17,10 +21,28 @@ from moe_train.models.moe.expert_loop import expert_loop
 
 
 def grouped_mm_supported(x: torch.Tensor, w_EFD: torch.Tensor) -> bool:
-    """torch._grouped_mm needs a float32/bfloat16 build kernel and rows whose byte strides are multiples of 16."""
-    if not hasattr(torch, "_grouped_mm") or x.dtype not in (torch.float32, torch.bfloat16):
+    """torch._grouped_mm: bfloat16 (its CUDA kernel; the meta kernel torch.compile traces with insists on it), or
+    float32 in eager mode (a fallback: on CUDA slow, with a host sync per call); rows whose byte strides are
+    multiples of 16."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.dtype != torch.bfloat16 and (x.dtype != torch.float32 or torch.compiler.is_compiling()):
         return False
     return all((n * x.element_size()) % 16 == 0 for n in w_EFD.shape[1:])
+
+
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype GEMMs on `t` run in: autocast's when autocast is on for t's device type, else t's own."""
+    device_type = t.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else t.dtype
+
+
+def to_compute_dtype(t: torch.Tensor) -> torch.Tensor:
+    """`t` cast to compute_dtype(t) (no copy when it already is): what autocast does for the ops it covers."""
+    return t.to(compute_dtype(t)) if t.is_floating_point() else t
+
+
+Weights = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]  # (w1_EFD, w2_EDF, w3_EFD or None)
 
 
 class GroupedExperts(nn.Module):
@@ -48,9 +70,11 @@ class GroupedExperts(nn.Module):
         counts_E: dropless, [E] rows per expert; capacity, [E] filled slots [0, n_e) per expert, or [E, S] when the
         buffer holds S segments of C / S slots per expert (one per source rank under expert parallelism), each
         filled from its start."""
+        x = to_compute_dtype(x)
+        weights = tuple(None if w is None else w.to(x.dtype) for w in (self.w1, self.w2, self.w3))
         if not self.use_loop(x):
-            return self.forward_batched(x) if x.dim() == 3 else self.forward_grouped_mm(x, counts_E)
-        return self.forward_loop(x, counts_E)
+            return self.forward_batched(x, weights) if x.dim() == 3 else self.forward_grouped_mm(x, counts_E, weights)
+        return self.forward_loop(x, counts_E, weights)
 
     def use_loop(self, x: torch.Tensor) -> bool:
         """`auto`: sync-free kernels on accelerators; on CPU a loop over filled rows (host syncs cost nothing there,
@@ -59,27 +83,30 @@ class GroupedExperts(nn.Module):
             return x.device.type == "cpu" or (x.dim() == 2 and not grouped_mm_supported(x, self.w1))
         return self.impl == "loop"
 
-    def forward_batched(self, x_ECD: torch.Tensor) -> torch.Tensor:
+    def forward_batched(self, x_ECD: torch.Tensor, weights: Weights) -> torch.Tensor:
         """Batched matmul over the whole capacity buffer, empty slots included (static shapes, no host sync)."""
-        return mlp(lambda x, w: torch.bmm(x, w.transpose(1, 2)), x_ECD, self.w1, self.w2, self.w3, self.activation)
+        return mlp(lambda x, w: torch.bmm(x, w.transpose(1, 2)), x_ECD, *weights, self.activation)
 
-    def forward_grouped_mm(self, x_RD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    def forward_grouped_mm(self, x_RD: torch.Tensor, counts_E: torch.Tensor, weights: Weights) -> torch.Tensor:
         """torch grouped GEMM over rows grouped by expert; group ends stay on the device (no host sync)."""
         if not grouped_mm_supported(x_RD, self.w1):
-            raise ValueError(f"moe.expert_impl='grouped' needs float32/bfloat16 and widths whose byte size is a "
-                             f"multiple of 16; got dtype={x_RD.dtype}, w1 shape={tuple(self.w1.shape)}")
+            raise ValueError(f"moe.expert_impl='grouped' needs bfloat16 (float32 only in eager mode) and widths whose "
+                             f"byte size is a multiple of 16; got dtype={x_RD.dtype}, w1 shape={tuple(self.w1.shape)}, "
+                             f"compiling={torch.compiler.is_compiling()}; use train.mixed_precision=bf16")
         offs_E = torch.cumsum(counts_E, dim=0, dtype=torch.int32)
 
         def grouped(x, w):
             return torch._grouped_mm(x, w.transpose(1, 2), offs=offs_E)
 
-        return mlp(grouped, x_RD, self.w1, self.w2, self.w3, self.activation)
+        return mlp(grouped, x_RD, *weights, self.activation)
 
-    def forward_loop(self, x: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    # Eager under torch.compile: the group sizes are read on the host and would specialise (recompile) the graph.
+    @torch.compiler.disable
+    def forward_loop(self, x: torch.Tensor, counts_E: torch.Tensor, weights: Weights) -> torch.Tensor:
         """One matmul chain per non-empty group over its filled rows only (capacity segments, or dropless groups)."""
         groups = capacity_groups(x.shape[1], counts_E) if x.dim() == 3 else dropless_groups(counts_E)
         x_RD = x.reshape(-1, x.shape[-1])
-        return expert_loop(x_RD, self.w1, self.w2, self.w3, groups, self.activation).view(x.shape)
+        return expert_loop(x_RD, *weights, groups, self.activation).view(x.shape)
 
 
 def expert_param_ids(model: nn.Module) -> set[int]:

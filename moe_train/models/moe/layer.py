@@ -19,7 +19,7 @@ from moe_train.config.moe import MoEConfig, validate_moe_config
 from moe_train.models.moe import losses
 from moe_train.models.moe.dispatch import LocalDispatcher
 from moe_train.models.moe.activations import expert_mlp
-from moe_train.models.moe.experts import GroupedExperts
+from moe_train.models.moe.experts import GroupedExperts, to_compute_dtype
 from moe_train.models.moe.router import RouterOutput, build_router
 from moe_train.models.moe.routing import DispatchPlan, capacity_plan, dropless_plan, expert_capacity
 
@@ -96,10 +96,13 @@ class MoELayer(nn.Module):
         if x.shape[-1] != self.d_model:
             raise ValueError(f"MoE input width x.shape[-1]={x.shape[-1]} does not match d_model={self.d_model}")
         x_TD = x.reshape(-1, self.d_model)
-        route = self.router(x_TD)
+        route = self.router(x_TD)  # float32 (the router upcasts a 16-bit x itself)
         plan = self.plan(route)
-        batch = self.dispatcher.dispatch(x_TD, plan)
-        out_TD = self.dispatcher.combine(self.experts(batch.x, batch.counts), plan, batch)
+        # Dispatched rows (and the all-to-all under expert parallelism) carry the compute dtype: bf16 under autocast,
+        # half the bytes of the float32 RMSNorm output. The combine accumulates in float32 (weights_A is float32) and
+        # returns x's dtype (the residual stream's).
+        batch = self.dispatcher.dispatch(to_compute_dtype(x_TD), plan)
+        out_TD = self.dispatcher.combine(self.experts(batch.x, batch.counts), plan, batch).to(x.dtype)
         if self.shared_experts is not None:
             out_TD = out_TD + self.shared_experts(x_TD)
         aux_loss, lb_loss, z_loss = self.router_losses(route)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from moe_train.models.moe.routing import count_per_group
+
 
 def expert_fractions(ids_TK: torch.Tensor, num_experts: int, counting: str,
                      active_TK: torch.Tensor | None = None) -> torch.Tensor:
@@ -19,13 +21,11 @@ def expert_fractions(ids_TK: torch.Tensor, num_experts: int, counting: str,
     """
     num_tokens = ids_TK.shape[0]
     if counting == "first":
-        ids = ids_TK[:, 0]
-        weights = None
+        ids, weights = ids_TK[:, 0], torch.ones_like(ids_TK[:, 0], dtype=torch.float32)
     else:
         ids = ids_TK.reshape(-1)
-        weights = None if active_TK is None else active_TK.reshape(-1).float()
-    counts_E = torch.bincount(ids, weights=weights, minlength=num_experts)
-    return counts_E.to(torch.float32) / max(num_tokens, 1)
+        weights = torch.ones_like(ids, dtype=torch.float32) if active_TK is None else active_TK.reshape(-1).float()
+    return count_per_group(ids, num_experts, weights) / max(num_tokens, 1)
 
 
 def load_balancing_loss(probs_TE: torch.Tensor, fractions_E: torch.Tensor) -> torch.Tensor:

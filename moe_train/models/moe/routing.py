@@ -8,7 +8,9 @@ Shape legend:
     before all second choices, as in GShard and DeepSpeed,
   R rows of expert input: E * C in capacity mode, A in dropless mode.
 
-No host sync: the capacity C depends only on T, so every tensor here has a static shape.
+No host sync: the capacity C depends only on T, so every tensor here has a static shape. Counting is a scatter-add
+into [E] zeros, never `torch.bincount`: on CUDA bincount reads the largest id back to the host to size its output
+(a blocking sync per call), and its data-dependent shape breaks compiled graphs.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -27,6 +30,7 @@ class DispatchPlan:
     top_k: int  # K
     capacity: Optional[int]  # C; None in dropless mode
     src_R: torch.Tensor  # int64: token feeding each expert-input row; T names the zero pad row (empty slot)
+    pair_R: torch.Tensor  # int64: pair (a = k * T + t) feeding each row; A for an empty slot (the inverse map)
     dest_A: torch.Tensor  # int64: expert-output row each pair reads back (0 where dropped: its weight is 0)
     weights_A: torch.Tensor  # float32 combine weight per pair, 0 where dropped; differentiable (router gradient)
     counts_E: torch.Tensor  # int64 pairs computed per expert (after dropping)
@@ -37,6 +41,15 @@ class DispatchPlan:
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float, min_capacity: int) -> int:
     """C = max(ceil(T / E * (cf * k)), min_capacity), evaluated in DeepSpeed's order so rounding matches its gating."""
     return max(math.ceil(num_tokens / num_experts * (capacity_factor * top_k)), min_capacity)
+
+
+def count_per_group(group_N: torch.Tensor, num_groups: int, weights_N: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[num_groups] occurrences of each id in group_N (int64), or the sum of weights_N per id (weights' dtype).
+    Sync-free, static shape (a scatter-add); ids must lie in [0, num_groups)."""
+    if weights_N is None:
+        weights_N = torch.ones_like(group_N)
+    counts_G = torch.zeros(num_groups, dtype=weights_N.dtype, device=group_N.device)
+    return counts_G.scatter_add_(0, group_N, weights_N)
 
 
 def flatten_choices(t_TK: torch.Tensor) -> torch.Tensor:
@@ -58,7 +71,7 @@ def priority_order(group_A: torch.Tensor, probs_A: torch.Tensor, policy: str) ->
 
 def rank_in_group(group_A: torch.Tensor, order_A: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank of each pair inside its group under `order_A`, and the group sizes [num_groups]."""
-    counts_G = torch.bincount(group_A, minlength=num_groups)
+    counts_G = count_per_group(group_A, num_groups)
     starts_G = torch.cumsum(counts_G, dim=0) - counts_G
     sorted_rank = torch.arange(group_A.numel(), device=group_A.device) - starts_G[group_A[order_A]]
     rank_A = torch.empty_like(sorted_rank)
@@ -111,11 +124,14 @@ def capacity_plan(ids_TK, probs_TK, active_TK, num_experts: int, capacity: int, 
     num_rows = num_experts * capacity
     dest_A = torch.where(kept_A, p.ids_A * capacity + slot_A, 0)
     # Dropped pairs all write to one scratch row past the end, cut off below; kept destinations are unique.
-    src_R = torch.full((num_rows + 1,), num_tokens, dtype=torch.long, device=ids_TK.device)
-    src_R.scatter_(0, torch.where(kept_A, dest_A, num_rows), p.token_A)
+    num_pairs = p.token_A.numel()
+    pair_R = torch.full((num_rows + 1,), num_pairs, dtype=torch.long, device=ids_TK.device)
+    pair_R.scatter_(0, torch.where(kept_A, dest_A, num_rows), torch.arange(num_pairs, device=ids_TK.device))
+    pair_R = pair_R[:num_rows]
+    src_R = F.pad(p.token_A, (0, 1), value=num_tokens)[pair_R]  # empty slot (pair A) -> the pad row T
     counts_E = counts_G[:num_experts].clamp_max(capacity)
     weights_A = combine_weights(p.probs_A, kept_A, top_k, renormalize, scale)
-    return DispatchPlan(num_tokens, num_experts, top_k, capacity, src_R[:num_rows], dest_A, weights_A, counts_E,
+    return DispatchPlan(num_tokens, num_experts, top_k, capacity, src_R, pair_R, dest_A, weights_A, counts_E,
                         kept_A, p.active_A)
 
 
@@ -126,7 +142,7 @@ def dropless_plan(ids_TK, probs_TK, num_experts: int, renormalize: bool, scale: 
     order_A = torch.argsort(p.ids_A, stable=True)
     dest_A = torch.empty_like(order_A)
     dest_A[order_A] = torch.arange(order_A.numel(), device=order_A.device)
-    counts_E = torch.bincount(p.ids_A, minlength=num_experts)
+    counts_E = count_per_group(p.ids_A, num_experts)
     weights_A = combine_weights(p.probs_A, p.active_A, top_k, renormalize, scale)
-    return DispatchPlan(num_tokens, num_experts, top_k, None, p.token_A[order_A], dest_A, weights_A, counts_E,
-                        p.active_A, p.active_A)
+    return DispatchPlan(num_tokens, num_experts, top_k, None, p.token_A[order_A], order_A, dest_A, weights_A,
+                        counts_E, p.active_A, p.active_A)
