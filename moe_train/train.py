@@ -42,7 +42,7 @@ def setup(dcfg: DictConfig, run_dir: Path) -> tuple[Trainer, ParallelContext]:
     env = read_launch_env()
     dims = validate_config(cfg, world_size=env.world_size)
     device = resolve_device(cfg.train.device)
-    ctx = init_parallel(env, dims, device, cfg.parallel.timeout_s)  # collective when world_size > 1
+    ctx = init_parallel(env, dims, device, cfg.parallel.timeout_s, cfg.parallel.backend)  # collective if world > 1
     return Trainer(cfg, agree_on_run_dir(run_dir, ctx), ctx, device), ctx
 
 

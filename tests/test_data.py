@@ -356,8 +356,9 @@ def test_validation_batches_fixed_and_sharded():
     val = torch.arange(17 * 20, dtype=torch.int32)
     v0 = ValidationBatches(val, seq_len=16, micro_batch_size=2, dp_rank=0, dp_size=2, max_batches=3)
     v1 = ValidationBatches(val, seq_len=16, micro_batch_size=2, dp_rank=1, dp_size=2)
-    assert len(v0) == 2 and len(v1) == 5  # v0: global micro-batches 0 and 2 of the first 3
-    assert [_row_ids(x) for x, _ in v0] == [_row_ids(x) for x, _ in v0] == [[0, 1], [4, 5]]
+    # v0: global micro-batch 0 of the first 3, rounded down to 2 (a multiple of dp_size: every rank runs as many)
+    assert len(v0) == 1 and len(v1) == 5
+    assert [_row_ids(x) for x, _ in v0] == [_row_ids(x) for x, _ in v0] == [[0, 1]]
     assert [_row_ids(x) for x, _ in v1][0] == [2, 3]
 
 

@@ -35,6 +35,15 @@ def scalars_of(state: dict) -> dict[str, float]:
     return {k: float(v) for k, v in state.items() if not per_element(v)}
 
 
+def state_scalar(optimizer: torch.optim.Optimizer, p: torch.Tensor, value: float) -> torch.Tensor:
+    """An optimizer-state scalar (AdamW's `step`) where torch itself keeps it: on p's device in fused or capturable
+    param groups (their kernels read it there: a CPU `step` crashed the fused CUDA AdamW on resume), else on the
+    CPU."""
+    group = next((g for g in optimizer.param_groups if any(q is p for q in g["params"])), {})
+    device = p.device if group.get("fused") or group.get("capturable") else torch.device("cpu")
+    return torch.tensor(value, dtype=torch.float32, device=device)
+
+
 class TorchState:
     """Whole local tensors: the parameter, and `optimizer.state[param]` of a torch optimizer (also under ZeRO 0,
     whose optimizer is ours); the placement's writer stores them."""
@@ -68,7 +77,7 @@ class TorchState:
 
     def load(self, p: torch.Tensor, tensors: dict[str, torch.Tensor], scalars: dict[str, float]) -> None:
         """tensors: the whole local state, shaped like p."""
-        state = {k: torch.tensor(v, dtype=torch.float32) for k, v in scalars.items()} | tensors
+        state = {k: state_scalar(self.optimizer, p, v) for k, v in scalars.items()} | tensors
         if state:
             self.optimizer.state[p] = state
 
@@ -116,7 +125,7 @@ class PartitionedState(TorchState):
             target = state.setdefault(key, torch.zeros_like(flat))
             target.narrow(0, offset, count).copy_(value.reshape(-1)[start:start + count])
         for key, value in scalars.items():
-            state.setdefault(key, torch.tensor(value, dtype=torch.float32))
+            state.setdefault(key, state_scalar(self.optimizer, flat, value))
 
     def finish_load(self) -> None:
         """The fp32 master partitions from the loaded weights (equal to them in float32 training)."""

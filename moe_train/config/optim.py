@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 SCHEDULES = ("cosine", "linear", "constant")
+FUSED = ("auto", "true", "false")
 
 
 @dataclass
@@ -43,6 +44,11 @@ class OptimConfig:
     grad_clip: float = 1.0
     """Clip the global gradient L2 norm to this value; 0 = no clipping (the norm is still logged)."""
 
+    fused: str = "auto"
+    """torch AdamW implementation: `true` = the fused kernel (one launch for all parameters: on CUDA the fastest),
+    `false` = torch's default (foreach on CUDA, a loop on CPU), `auto` = fused on CUDA, the default elsewhere (the
+    CPU fused kernel exists but is not faster there). Not used under zero.stage >= 0 (DeepSpeed owns the step)."""
+
 
 def validate_optim_config(cfg: OptimConfig) -> None:
     if cfg.schedule not in SCHEDULES:
@@ -51,6 +57,8 @@ def validate_optim_config(cfg: OptimConfig) -> None:
         raise ValueError(f"optim.lr={cfg.lr} must be a positive number")
     if not 0 <= cfg.min_lr <= cfg.lr:
         raise ValueError(f"optim.min_lr={cfg.min_lr} must be between 0 and optim.lr={cfg.lr}")
+    if str(cfg.fused).lower() not in FUSED:
+        raise ValueError(f"optim.fused={cfg.fused!r} is not supported; allowed: {', '.join(FUSED)}")
     if cfg.warmup_steps < 0:
         raise ValueError(f"optim.warmup_steps={cfg.warmup_steps} must be >= 0")
     if cfg.decay_steps is not None and cfg.decay_steps <= cfg.warmup_steps:

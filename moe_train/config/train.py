@@ -42,10 +42,20 @@ class TrainConfig:
     """Evaluate on the held-out split every this many steps and at the last step; 0 = never."""
 
     eval_batches: int = 8
-    """Validation micro-batches per evaluation (fixed, the same every time)."""
+    """Validation micro-batches per evaluation (fixed, the same every time), over all data-parallel ranks; rounded
+    down to a multiple of the dp size (at least one per rank) so that every rank runs the same number."""
 
     progress: bool = True
     """Show the rank-0 progress bar (loss and tokens/s)."""
+
+    compile: bool = False
+    """torch.compile each transformer block (as torchtitan does): the first steps pay the compile time (tens of
+    seconds per distinct block), later ones run fused kernels. Under expert parallelism the all-to-all runs eagerly
+    between the compiled regions (see moe_train/parallel/compile.py)."""
+
+    tf32: bool = True
+    """Let float32 matmuls and convolutions use TF32 tensor cores on Ampere and later GPUs (10-bit mantissa inputs,
+    float32 accumulation; what torch calls float32 matmul precision `high`). No effect on CPU."""
 
 
 def validate_train_config(cfg: TrainConfig) -> None:

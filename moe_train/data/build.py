@@ -19,7 +19,7 @@ class DataBundle:
     """What the trainer needs from the data package. `vocab_size` is the minimum model vocab size."""
 
     tokenizer: ByteTokenizer | HFTokenizer
-    train: TokenLoader
+    train: TokenLoader  # the Trainer wraps it in a data.device.DevicePrefetcher (same interface)
     val: ValidationBatches
     num_train_tokens: int
     num_val_tokens: int

@@ -14,7 +14,8 @@ State (in global terms): (epoch, global micro-batches consumed in this epoch). A
 consumed count is a multiple of it (at step boundaries it is). A different seed, micro-batch size or data is refused.
 
 Validation (`ValidationBatches`): global micro-batches of rows in stream order; rank r takes m = r, r + dp_size, ...
-among the first `max_batches` (all full ones if None); the same every time it is iterated.
+among the first `max_batches` (all full ones if None), rounded down to a multiple of dp_size (at least dp_size) so
+that every rank runs the same number; the same every time it is iterated.
 """
 
 from __future__ import annotations
@@ -115,7 +116,11 @@ class ValidationBatches:
         _micro_batches_per_rank(self._rows, "validation", seq_len, micro_batch_size, dp_size)
         self.micro_batch_size = micro_batch_size
         total = len(self._rows) // micro_batch_size
-        self.total_batches = total if max_batches is None else min(total, max_batches)  # global, all ranks
+        total = total if max_batches is None else min(total, max_batches)
+        # Every rank gets the same number of batches: each evaluation batch runs the MoE all-to-all, so a rank with
+        # one batch fewer would leave the others waiting (forever) in the exchange. Rounded down to a multiple of
+        # dp_size, but at least one batch per rank (the data holds that many, checked above).
+        self.total_batches = max(total - total % dp_size, dp_size)  # global, all ranks
         self._mine = range(dp_rank, self.total_batches, dp_size)
 
     def __len__(self) -> int:

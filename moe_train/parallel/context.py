@@ -71,18 +71,27 @@ class ParallelContext:
         return ParallelContext(0, ParallelDims(1, 1, 1), None)
 
 
-def backend_for(device: torch.device) -> str:
+def backend_for(device: torch.device, choice: str = "auto") -> str:
+    """parallel.backend: `auto` = NCCL on CUDA, gloo on CPU; `nccl` needs a CUDA device (ValueError otherwise)."""
+    if choice == "nccl" and device.type != "cuda":
+        raise ValueError(f"parallel.backend='nccl' needs CUDA, but this run's device is {device.type!r}; "
+                         f"use parallel.backend=auto or gloo")
+    if choice != "auto":
+        return choice
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def init_parallel(env: LaunchEnv, dims: ParallelDims, device: torch.device, timeout_s: float) -> ParallelContext:
-    """Collective: join the process group (NCCL on CUDA, gloo on CPU) and build the mesh."""
+def init_parallel(env: LaunchEnv, dims: ParallelDims, device: torch.device, timeout_s: float,
+                  backend: str = "auto") -> ParallelContext:
+    """Collective: join the process group (parallel.backend; `auto`: NCCL on CUDA, gloo on CPU) and build the
+    mesh."""
     if env.world_size == 1:
         return ParallelContext.single()
+    backend = backend_for(device, backend)  # before touching the device: bad input fails first
     if device.type == "cuda":
         torch.cuda.set_device(env.local_rank)
     timeout = datetime.timedelta(seconds=timeout_s)
-    dist.init_process_group(backend_for(device), rank=env.rank, world_size=env.world_size, timeout=timeout,
+    dist.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timeout,
                             store=restart_safe_store(env, timeout))
     return ParallelContext(env.rank, dims, build_mesh(dims, device.type))
 

@@ -208,7 +208,8 @@ class ZeroEngine:
         self.engine.step()
         if grad_norm is not None:
             return grad_norm
-        return torch.as_tensor(self.engine.get_global_grad_norm(), dtype=torch.float32)
+        # On the engine's device: a CPU tensor here met the CUDA loss in the trainer's log stack (crash on CUDA).
+        return torch.as_tensor(self.engine.get_global_grad_norm(), dtype=torch.float32, device=self.engine.device)
 
     @contextlib.contextmanager
     def gathered_parameters(self) -> Iterator[None]:

@@ -21,9 +21,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+def use_fused(cfg: OptimConfig, device: torch.device) -> bool:
+    """optim.fused: `auto` = the fused kernel on CUDA (one launch for every parameter), foreach elsewhere."""
+    choice = str(cfg.fused).lower()
+    return device.type == "cuda" if choice == "auto" else choice == "true"
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig,
+                    device: torch.device = torch.device("cpu")) -> torch.optim.AdamW:
+    """torch AdamW over `param_groups`; fused per `use_fused`, else torch's default (foreach on CUDA)."""
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             eps=cfg.eps)
+                             eps=cfg.eps, fused=use_fused(cfg, device) or None)
 
 
 def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:

@@ -18,7 +18,9 @@ import torch.nn.functional as F
 
 from moe_train.checkpoint.checkpointer import Checkpointer
 from moe_train.config.schema import Config
+from moe_train.config.train import TrainConfig
 from moe_train.data import DataBundle, build_data
+from moe_train.data.device import DevicePrefetcher
 from moe_train.models.transformer import Transformer, build_model
 from moe_train.parallel.context import ParallelContext
 from moe_train.parallel.data_parallel import clip_grad_norm, reduce_gradients
@@ -37,6 +39,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def configure_device(device: torch.device, cfg: TrainConfig) -> None:
+    """Process-wide backend switches for this run's device: TF32 for float32 matmuls and convolutions (Ampere and
+    later; train.tf32). CPU: nothing to set."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+        torch.backends.cudnn.allow_tf32 = cfg.tf32
+
+
 def lm_loss(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy in float32, nats per token."""
     return F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten())
@@ -51,6 +61,7 @@ class Trainer:
         self.console = Console(self.rank)
         self.device = device if device is not None else resolve_device(cfg.train.device)
         self.comm = CommCounter()
+        configure_device(self.device, cfg.train)
         torch.manual_seed(cfg.train.seed)  # init and every random routing choice follow the seed
         self.data = self.build_data()
         self.model = self.build_model()
@@ -75,8 +86,10 @@ class Trainer:
 
     def build_data(self) -> DataBundle:
         t, dims = self.cfg.train, self.ctx.dims
-        return build_data(self.cfg.data, t.seq_len, self.micro_batch_size, self.ctx.dp_rank, dims.dp,
+        data = build_data(self.cfg.data, t.seq_len, self.micro_batch_size, self.ctx.dp_rank, dims.dp,
                           val_batches=t.eval_batches)
+        data.train = DevicePrefetcher(data.train, self.device)  # pinned, non-blocking, one batch ahead
+        return data
 
     def build_model(self) -> Transformer:
         """Full model on every rank (same seed: same weights), then each rank keeps its part (parallelize).
@@ -86,7 +99,7 @@ class Trainer:
             raise ValueError(f"model.vocab_size={vocab} is smaller than the vocabulary of "
                              f"data.tokenizer={self.cfg.data.tokenizer!r} ({self.data.vocab_size} tokens)")
         model = build_model(self.cfg.model, self.cfg.moe, self.device)
-        parallelize(model, self.ctx, self.cfg.parallel, self.comm)
+        parallelize(model, self.ctx, self.cfg.parallel, self.comm, compile_blocks=self.cfg.train.compile)
         return model
 
     def build_engine(self):
@@ -107,7 +120,7 @@ class Trainer:
         """torch AdamW and the LR schedule; the engine's under zero.stage >= 0 (the same AdamW and schedule)."""
         if self.engine is not None:
             return self.engine.optimizer, self.engine.lr_scheduler
-        optimizer = build_optimizer(self.model, self.cfg.optim)
+        optimizer = build_optimizer(self.model, self.cfg.optim, self.device)
         return optimizer, build_scheduler(optimizer, self.cfg.optim, self.cfg.train.max_steps)
 
     def autocast(self):
@@ -167,7 +180,7 @@ class Trainer:
         self.model.eval()
         losses = [self.forward_loss(inputs, targets)[0] for inputs, targets in self.data.val]
         self.model.train()
-        total = torch.stack([torch.stack(losses).sum(), torch.tensor(float(len(losses)))])
+        total = torch.stack([torch.stack(losses).sum(), torch.tensor(float(len(losses)), device=self.device)])
         self.all_reduce_sum(total)  # collective
         return (total[0] / total[1]).item()  # host sync
 
