@@ -85,6 +85,8 @@ class AllToAllDispatcher(LocalDispatcher):
         self.group, self.ep = group, ep
         self.counter = counter if counter is not None else CommCounter()
 
+    # Both communication steps run eagerly under train.compile (graph breaks: collectives, host-read split sizes).
+    @torch.compiler.disable
     def token_dispatch(self, x: torch.Tensor, plan: DispatchPlan) -> Any:
         counts_PL = exchange_counts(plan.counts_E, self.group, self.ep)  # collective
         if plan.capacity is not None:
@@ -110,6 +112,7 @@ class AllToAllDispatcher(LocalDispatcher):
         P, C, D = self.ep, plan.capacity, y.shape[-1]
         return y.view(-1, P, C, D).transpose(0, 1).reshape(-1, D)
 
+    @torch.compiler.disable
     def token_combine(self, y: torch.Tensor, plan: DispatchPlan, batch: ExpertBatch) -> torch.Tensor:
         if plan.capacity is None:
             send, recv, _ = batch.meta

@@ -1,6 +1,7 @@
 """`parallelize`: the one place where a model built for one process is turned into this rank's part of the
 layout, in a fixed order: tensor parallelism, then expert parallelism (they split different dimensions of the
-expert stacks: tp the width F, ep the expert dimension E)."""
+expert stacks: tp the width F, ep the expert dimension E), then torch.compile of each block (last: it compiles the
+sharded blocks with their installed dispatchers)."""
 
 from __future__ import annotations
 
@@ -10,15 +11,18 @@ from torch import nn
 
 from moe_train.config.parallel import ParallelConfig
 from moe_train.models.moe.experts import expert_param_ids
+from moe_train.parallel.compile import apply_compile
 from moe_train.parallel.context import ParallelContext
 from moe_train.parallel.expert_parallel import CommCounter, apply_ep
 from moe_train.parallel.tensor_parallel import apply_tp
 
 
-def parallelize(model: nn.Module, ctx: ParallelContext, cfg: ParallelConfig, counter: CommCounter) -> None:
+def parallelize(model: nn.Module, ctx: ParallelContext, cfg: ParallelConfig, counter: CommCounter,
+                compile_blocks: bool = False) -> None:
     groups = ctx.groups
     apply_tp(model, groups.tp if groups else None, ctx.tp_rank, ctx.dims.tp, cfg.expert_tp)
     apply_ep(model, groups.ep if groups else None, ctx.ep_rank, ctx.dims.ep, counter)
+    apply_compile(model, compile_blocks)
 
 
 def full_state_dict(model: nn.Module, ctx: ParallelContext) -> dict:
