@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # CPU machines get the local CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
 TORCH_CPU := torch==2.13.0
 
-.PHONY: setup train test test-all bench clean
+.PHONY: setup train test test-all bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,13 @@ test-all: setup
 
 bench: setup
 	$(PY) bench/moe_layer.py
+
+# On a machine with one CUDA GPU, offline: train/eval/checkpoint/kill-resume in bf16, a step under sync-debug "error",
+# train.compile, bench/gpu_e2e.py --quick; one table (moe_train/gpu_check.py). Needs only CUDA torch and PyYAML:
+# the project's .venv when there is one, else python3 (GPU_PYTHON=... for another interpreter).
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+gpu-check:
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PYTHON) -m moe_train.gpu_check $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

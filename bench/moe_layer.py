@@ -1,9 +1,9 @@
 """Forward+backward time and peak memory of one MoE layer against a dense FFN and other MoE implementations.
 
-Shapes: D=512 model width, F=1024 expert width, E=8 experts; dense reference = SwiGLU FFN of width k*F=2048 (the
-active FLOPs of top-2). Compared: our `MoELayer` (capacity top-2/top-1, dropless top-2 with the default expert
-implementation and with torch's grouped GEMM), DeepSpeed's `deepspeed.moe.layer.MoE` (top-2, capacity 1.25) and
-transformers' `MixtralSparseMoeBlock` with each experts implementation that runs on CPU (eager, grouped_mm,
+Shapes: D=512 model width, F=1024 expert width (--d-model, --d-ff), E=8 experts; dense reference = SwiGLU FFN of
+width k*F=2048 (the active FLOPs of top-2). Compared: our `MoELayer` (capacity top-2/top-1, dropless top-2 with the
+default expert implementation and with torch's grouped GEMM), DeepSpeed's `deepspeed.moe.layer.MoE` (top-2, capacity
+1.25) and transformers' `MixtralSparseMoeBlock` with each experts implementation that runs on CPU (eager, grouped_mm,
 batched_mm). `hf_mixtral_eager` is also what a standalone block runs when no implementation is set (config value
 None); a full transformers model defaults to grouped_mm.
 
@@ -19,6 +19,9 @@ child's address space is capped a little below MemAvailable, so an oversized cas
 
 Run: `make bench` (= `python bench/moe_layer.py`), or e.g.
     python bench/moe_layer.py --tokens 1024 --dtypes bfloat16 --cases ours_cap_top2,deepspeed_top2 --repeats 5
+At Mixtral-8x7B's layer shape on a GPU:
+    python bench/moe_layer.py --device cuda --dtypes bfloat16 --d-model 4096 --d-ff 14336 --tokens 8192 \
+        --cases ours_dropless_top2,ours_cap_top2,hf_mixtral_grouped_mm
 """
 
 from __future__ import annotations
@@ -87,8 +90,9 @@ class DenseFFN(nn.Module):
         return expert_mlp(x, self.w1, self.w2, self.w3, "swiglu")
 
 
-def build_dense(tokens: int, dtype: torch.dtype, device: torch.device) -> Bench:
-    module, x = _prepare(DenseFFN(D_MODEL, TOP_K * D_FF), (tokens, D_MODEL), dtype, device)
+def build_dense(tokens: int, dtype: torch.dtype, device: torch.device, d_model: int = D_MODEL,
+                d_ff: int = D_FF) -> Bench:
+    module, x = _prepare(DenseFFN(d_model, TOP_K * d_ff), (tokens, d_model), dtype, device)
     return Bench(module, lambda inp: (module(inp), None), x)
 
 
@@ -100,15 +104,16 @@ def _grouped_impl_name() -> str:
 def ours(top_k: int, capacity_factor: float, expert_impl: str = "auto", renormalize: bool = True) -> Callable:
     """Builder of our MoELayer; capacity_factor -1 = dropless (train and eval)."""
 
-    def build(tokens: int, dtype: torch.dtype, device: torch.device) -> Bench:
+    def build(tokens: int, dtype: torch.dtype, device: torch.device, d_model: int = D_MODEL,
+              d_ff: int = D_FF) -> Bench:
         from moe_train.config.moe import MoEConfig
         from moe_train.models.moe import MoELayer
         impl = _grouped_impl_name() if expert_impl == "grouped" else expert_impl
         eval_cf = capacity_factor if capacity_factor < 0 else MoEConfig.eval_capacity_factor
-        cfg = MoEConfig(num_experts=NUM_EXPERTS, top_k=top_k, d_ff=D_FF, activation="swiglu",
+        cfg = MoEConfig(num_experts=NUM_EXPERTS, top_k=top_k, d_ff=d_ff, activation="swiglu",
                         capacity_factor=capacity_factor, eval_capacity_factor=eval_cf, min_capacity=4,
                         renormalize=renormalize, expert_impl=impl)
-        module, x = _prepare(MoELayer(D_MODEL, cfg), (tokens, D_MODEL), dtype, device)
+        module, x = _prepare(MoELayer(d_model, cfg), (tokens, d_model), dtype, device)
         return Bench(module, module, x)
 
     return build
@@ -143,32 +148,35 @@ def _init_deepspeed_dist() -> None:
     deepspeed.init_distributed(dist_backend="gloo")
 
 
-def build_deepspeed(tokens: int, dtype: torch.dtype, device: torch.device) -> Bench:
+def build_deepspeed(tokens: int, dtype: torch.dtype, device: torch.device, d_model: int = D_MODEL,
+                    d_ff: int = D_FF) -> Bench:
     from deepspeed.moe.layer import MoE
     _init_deepspeed_dist()
-    moe = MoE(hidden_size=D_MODEL, expert=SwiGLUExpert(D_MODEL, D_FF), num_experts=NUM_EXPERTS, ep_size=1,
+    moe = MoE(hidden_size=d_model, expert=SwiGLUExpert(d_model, d_ff), num_experts=NUM_EXPERTS, ep_size=1,
               k=TOP_K, capacity_factor=1.25, eval_capacity_factor=1.25, min_capacity=4, use_residual=False,
               noisy_gate_policy=None, drop_tokens=True, use_rts=False, top2_2nd_expert_sampling=False)
     moe.set_deepspeed_parallelism()  # what the DeepSpeed engine does: creates/assigns the ep_size_1 group
-    module, x = _prepare(moe, (tokens, D_MODEL), dtype, device)
+    module, x = _prepare(moe, (tokens, d_model), dtype, device)
     return Bench(module, lambda inp: module(inp)[:2], x, torch.distributed.destroy_process_group)
 
 
 def hf_mixtral(experts_implementation: str) -> Callable:
     """Builder of transformers' MixtralSparseMoeBlock with the given experts implementation (input [1, T, D])."""
 
-    def build(tokens: int, dtype: torch.dtype, device: torch.device) -> Bench:
+    def build(tokens: int, dtype: torch.dtype, device: torch.device, d_model: int = D_MODEL,
+              d_ff: int = D_FF) -> Bench:
         from transformers import MixtralConfig
         from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
-        config = MixtralConfig(hidden_size=D_MODEL, intermediate_size=D_FF, num_local_experts=NUM_EXPERTS,
+        config = MixtralConfig(hidden_size=d_model, intermediate_size=d_ff, num_local_experts=NUM_EXPERTS,
                                num_experts_per_tok=TOP_K, experts_implementation=experts_implementation)
-        module, x = _prepare(MixtralSparseMoeBlock(config), (1, tokens, D_MODEL), dtype, device)
+        module, x = _prepare(MixtralSparseMoeBlock(config), (1, tokens, d_model), dtype, device)
         return Bench(module, lambda inp: (module(inp), None), x)  # returns only the hidden states
 
     return build
 
 
-CASES: dict[str, Callable[[int, torch.dtype, torch.device], Bench]] = {
+# Builders: (tokens, dtype, device, d_model, d_ff) -> Bench.
+CASES: dict[str, Callable[..., Bench]] = {
     "dense": build_dense,
     "ours_cap_top2": ours(top_k=2, capacity_factor=1.25),
     "ours_dropless_top2": ours(top_k=2, capacity_factor=-1.0),
@@ -258,7 +266,8 @@ def limit_cpu_memory(device: torch.device) -> None:
 def run_case(spec: dict) -> dict:
     torch.manual_seed(0)
     device, dtype = torch.device(spec["device"]), getattr(torch, spec["dtype"])
-    bench = CASES[spec["case"]](spec["tokens"], dtype, device)
+    shape = spec.get("d_model", D_MODEL), spec.get("d_ff", D_FF)
+    bench = CASES[spec["case"]](spec["tokens"], dtype, device, *shape)
     try:
         limit_cpu_memory(device)
         step = functools.partial(fwd_bwd, bench)
@@ -343,7 +352,7 @@ def run_group(args: argparse.Namespace, tokens: int, dtype: str, cases: list[str
     for _ in range(args.rounds):
         for case in cases:
             spec = {"case": case, "tokens": tokens, "dtype": dtype, "device": args.device,
-                    "repeats": args.repeats, "warmup": args.warmup}
+                    "repeats": args.repeats, "warmup": args.warmup, "d_model": args.d_model, "d_ff": args.d_ff}
             results[case].append(run_in_subprocess(spec, args.timeout))
             res = results[case][-1]
             print(f"{tokens} {dtype} {case}: {res.get('median_ms', res.get('error'))}", file=sys.stderr, flush=True)
@@ -382,6 +391,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before timing")
     p.add_argument("--rounds", type=int, default=3, help="fresh-subprocess runs of every case (paired with dense)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--d-model", type=int, default=D_MODEL, help="model width D (dense and every MoE case)")
+    p.add_argument("--d-ff", type=int, default=D_FF, help=f"expert width F (the dense FFN is {TOP_K} x F wide)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per case before it counts as an error")
     p.add_argument("--out", help="also write the markdown table to this file")
     p.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case (JSON spec) in this process
@@ -391,8 +402,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def header(args: argparse.Namespace) -> str:
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {os.cpu_count()} cores"
     return (f"$ {shlex.join([sys.executable, *sys.argv])}\n\n"
-            f"device: {device}; torch {torch.__version__}, {torch.get_num_threads()} threads; D={D_MODEL} "
-            f"F={D_FF} E={NUM_EXPERTS}; per run the median of {args.repeats} steps after {args.warmup} warm-up; "
+            f"device: {device}; torch {torch.__version__}, {torch.get_num_threads()} threads; D={args.d_model} "
+            f"F={args.d_ff} E={NUM_EXPERTS}; per run the median of {args.repeats} steps after {args.warmup} warm-up; "
             f"{args.rounds} rounds; time ratio = median over rounds of (case / dense of the same round)\n")
 
 

@@ -41,7 +41,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch import nn
@@ -470,12 +470,19 @@ def format_report(args: argparse.Namespace, argv: list[str], run: dict) -> str:
 
 
 # -- main ------------------------------------------------------------------------------------------------------------
-def parse_models(text: str) -> list[str]:
-    names = [n for n in text.split(",") if n]
-    bad = [n for n in names if n not in MODELS]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"unknown models {bad}; allowed: {', '.join(MODELS)}")
-    return names
+def names_parser(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
+    """argparse type: a non-empty comma-separated list of names from `allowed`."""
+    def parse(text: str) -> list[str]:
+        names = [n for n in text.split(",") if n]
+        bad = [n for n in names if n not in allowed]
+        if bad or not names:
+            raise argparse.ArgumentTypeError(f"unknown models {bad}; allowed: {', '.join(allowed)}")
+        return names
+
+    return parse
+
+
+parse_models = names_parser(MODELS)
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

@@ -7,10 +7,12 @@ name a schema of their own: one would reset the group to the dataclass defaults,
 
 from __future__ import annotations
 
-from hydra.core.config_store import ConfigStore
-
 from moe_train.config.schema import Config
 
 
 def register_configs() -> None:
+    # Imported here, not at module level: `moe_train.config` must import without hydra-core, on offline GPU nodes
+    # that have only CUDA torch (`make gpu-check`, moe_train/gpu_check.py).
+    from hydra.core.config_store import ConfigStore
+
     ConfigStore.instance().store(name="base_config", node=Config)
