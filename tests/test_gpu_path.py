@@ -129,6 +129,28 @@ def test_dispatched_rows_and_expert_outputs_are_bf16_under_autocast():
         assert out.dtype == torch.float32
 
 
+@pytest.mark.parametrize("capacity_factor", [0.5, 1.25, -1.0], ids=["dropping", "capacity", "dropless"])
+def test_scatter_free_row_gathers_equal_index_select(capacity_factor):
+    """The accelerator path's gathers (backward without atomic index_add) give the CPU path's outputs and gradients,
+    with dropped pairs and empty capacity slots."""
+    from helpers import forward_backward, make_layer
+    from moe_train.models.moe.dispatch import LocalDispatcher
+
+    torch.manual_seed(0)
+    layer = make_layer(d_model=16, capacity_factor=capacity_factor, dtype=torch.float64)
+    x, upstream = torch.randn(40, 16, dtype=torch.float64), torch.randn(40, 16, dtype=torch.float64)
+    results = []
+    for scatter_free in (False, True):
+        layer.dispatcher = LocalDispatcher(scatter_free=scatter_free)
+        results.append(forward_backward(layer, x, upstream))
+    (out, aux, gx, grads), (s_out, s_aux, s_gx, s_grads) = results
+    assert torch.allclose(out, s_out, atol=1e-12) and torch.allclose(gx, s_gx, atol=1e-12)
+    for name in grads:
+        assert torch.allclose(grads[name], s_grads[name], atol=1e-12), name
+    if capacity_factor == 0.5:
+        assert layer.last_stats.drop_frac > 0
+
+
 # -- no host sync on the routing path -------------------------------------------------------------------------------
 def test_routing_and_aux_losses_count_without_bincount(monkeypatch):
     """torch.bincount syncs on CUDA (it reads the largest id to size its output); counting must not use it."""

@@ -82,6 +82,7 @@ class AllToAllDispatcher(LocalDispatcher):
     Dropless: per-expert counts exchanged first (a host sync), then a variable-split all-to-all."""
 
     def __init__(self, group: dist.ProcessGroup, ep: int, counter: CommCounter | None = None):
+        super().__init__()
         self.group, self.ep = group, ep
         self.counter = counter if counter is not None else CommCounter()
 
