@@ -56,10 +56,11 @@ def measure(model: str, repeats: int) -> dict:
         saves, paths = [], []
         for i in range(repeats):
             trainer.step = i + 1
-            saves.append(timed(lambda: paths.append(trainer.checkpointer.save(trainer))))
+            saves.append(timed(lambda: paths.append(trainer.checkpointer.save())))
         size = sum(f.stat().st_size for f in paths[-1].iterdir())
-        loader = Checkpointer(dataclasses.replace(trainer.cfg.checkpoint, resume=str(paths[-1])), run_dir)
-        loads = [timed(lambda: loader.resume(trainer)) for _ in range(repeats)]
+        loader = Checkpointer(dataclasses.replace(trainer.cfg.checkpoint, resume=str(paths[-1])), run_dir,
+                              trainer.checkpointer.parts, trainer.console.print0)
+        loads = [timed(loader.resume) for _ in range(repeats)]
         params = count_parameters(trainer.model).total
     return {"model": model, "params": params, "bytes": size, "save_s": statistics.median(saves),
             "load_s": statistics.median(loads)}

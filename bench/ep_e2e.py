@@ -146,7 +146,7 @@ def local_params(model: nn.Module) -> int:
 
 
 class DeepSpeedEngine(ZeroEngine):
-    """ZeroEngine (backward, clip, step, optimizer, lr_scheduler) around DeepSpeed's own MoE model:
+    """ZeroEngine (forward, backward, clip, step, optimizer, scheduler) around DeepSpeed's own MoE model:
     `deepspeed.initialize` with the config, optimizer groups and schedule moe_train/parallel/zero.py builds for
     ours, without the marker (this model holds real `MoE` layers)."""
 
@@ -166,7 +166,7 @@ class DeepSpeedMoETrainer(Trainer):
     """Our Trainer (data, step code, evaluation) around the transformer with DeepSpeed's MoE layers."""
 
     def build_model(self) -> nn.Module:
-        model = build_model(self.cfg.model, self.cfg.moe, self.device)  # same RNG state as ours: same weights
+        model = build_model(self.cfg.model, self.cfg.moe, self.device, seed=self.cfg.train.seed)  # ours' weights
         swap_in_deepspeed_moe(model, self.cfg.moe, self.ctx.dims.ep, self.ctx.ep_rank)
         return model
 

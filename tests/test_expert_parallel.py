@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from helpers import make_layer
+from moe_train.models.moe.experts import expert_param_ids
+from moe_train.models.shard_spec import whole_specs
 from multiproc import run_ranks
 
 T, D = 12, 16
@@ -29,15 +31,21 @@ def layer_for(mode: str):
     return layer
 
 
+def shard_layer(layer, apply_ep, group, rank: int, world_size: int) -> None:
+    """apply_ep on a model holding just `layer` (its experts sharded in place, the all-to-all dispatcher set)."""
+    model = torch.nn.Module()
+    model.moe = layer
+    model.shard_specs = whole_specs(model, expert_param_ids(model))
+    apply_ep(model, group, rank, world_size)
+
+
 def run_ep_layer(rank: int, world_size: int, mode: str) -> dict:
     import torch.distributed as dist
 
     from moe_train.parallel.expert_parallel import apply_ep
 
     layer = layer_for(mode)
-    model = torch.nn.Module()
-    model.moe_layers = lambda: [layer]
-    apply_ep(model, dist.group.WORLD, rank, world_size)
+    shard_layer(layer, apply_ep, dist.group.WORLD, rank, world_size)
     x, g = inputs(rank, mode)
     out, aux = layer(x)
     ((out * g).sum() + aux).backward()
@@ -83,9 +91,7 @@ def run_ep_layer_bf16(rank: int, world_size: int, mode: str) -> dict:
     exchange = ep.all_to_all
     ep.all_to_all = lambda x, *args, **kwargs: sent.append(x.dtype) or exchange(x, *args, **kwargs)
     layer = layer_for(mode)
-    model = torch.nn.Module()
-    model.moe_layers = lambda: [layer]
-    ep.apply_ep(model, dist.group.WORLD, rank, world_size)
+    shard_layer(layer, ep.apply_ep, dist.group.WORLD, rank, world_size)
     x, g = inputs(rank, mode)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, aux = layer(x)

@@ -1,23 +1,62 @@
-"""The trainer's side of checkpoints: what a `Trainer` contributes to a save and how it is restored on resume."""
+"""What a training run contributes to a checkpoint and how it is restored on resume.
+
+The Checkpointer receives the run's stateful parts (`CheckpointParts`: the model and its state holder, the LR
+schedule, the data loader, the train state), never the trainer, as torchtitan's CheckpointManager receives its
+states: it reads and restores those objects and nothing else.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Callable, Protocol
 
 import torch
+from torch import nn
 
 from moe_train.checkpoint import manager
-from moe_train.checkpoint.holders import state_holder
+from moe_train.checkpoint.holders import TorchState
 from moe_train.checkpoint.placement import placements
 from moe_train.checkpoint.state import load_model, load_optimizer, rank_share, restore_rng, rng_tensors
 from moe_train.checkpoint.storage import ChunkReader
 from moe_train.config.checkpoint import CheckpointConfig
+from moe_train.parallel.context import ParallelContext
 
-if TYPE_CHECKING:
-    from moe_train.training.trainer import Trainer
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Progress of a run: optimizer steps taken and tokens trained on (all ranks)."""
+
+    step: int = 0
+    tokens_seen: int = 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tokens": self.tokens_seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens"])
+
+
+@dataclasses.dataclass
+class CheckpointParts:
+    """Everything a checkpoint saves and restores, and what it needs to know about the run."""
+
+    model: nn.Module  # this rank's part, unwrapped
+    holder: TorchState  # who holds weights and optimizer state (the engine's: checkpoint/holders.py)
+    scheduler: Any  # the LR schedule (LambdaLR), fast-forwarded on resume
+    loader: Stateful  # the training data position
+    train_state: TrainState
+    config: Any  # the run's Config: the manifest records it; resuming checks the model shape against it
+    ctx: ParallelContext
+    device: torch.device
+
 
 # Fields that change tensor shapes or names: resuming with any of them changed is refused with the list.
 SHAPE_FIELDS = {
@@ -27,60 +66,53 @@ SHAPE_FIELDS = {
 
 
 class Checkpointer:
-    def __init__(self, cfg: CheckpointConfig, run_dir: Path):
-        self.cfg = cfg
+    def __init__(self, cfg: CheckpointConfig, run_dir: Path, parts: CheckpointParts, say: Callable[[str], None]):
+        self.cfg, self.parts, self.say = cfg, parts, say
         self.root = run_dir / "checkpoints"
 
     def should_save(self, step: int, max_steps: int) -> bool:
         every = self.cfg.every
         return every > 0 and (step % every == 0 or step == max_steps)
 
-    def save(self, trainer: "Trainer") -> Path:
+    def save(self) -> Path:
         """Collective: every rank writes its share; returns the complete checkpoint's directory."""
-        request = save_request(trainer)
-        return manager.save(self.root, request, trainer.rank, trainer.ctx.groups is not None, self.cfg.keep_last)
+        parts = self.parts
+        return manager.save(self.root, save_request(parts), parts.ctx.rank, parts.ctx.groups is not None,
+                            self.cfg.keep_last)
 
-    def resume(self, trainer: "Trainer") -> bool:
-        """Collective: load the checkpoint that checkpoint.resume selects into `trainer`; False if none."""
-        chosen = manager.choose(self.cfg.resume, self.root, trainer.ctx.groups is not None,
-                                trainer.console.print0)
+    def resume(self) -> bool:
+        """Collective: load the checkpoint that checkpoint.resume selects into the parts; False if none."""
+        chosen = manager.choose(self.cfg.resume, self.root, self.parts.ctx.groups is not None, self.say)
         if chosen is None:
             return False
         directory, manifest = chosen
-        check_compatible(manifest, trainer)
-        restore(trainer, directory, manifest)
-        trainer.console.print0(f"resumed from {directory} (step {manifest['step']}, written with layout "
-                               f"{manifest['layout']})")
+        check_compatible(manifest, self.parts)
+        restore(self.parts, directory, manifest, self.say)
+        self.say(f"resumed from {directory} (step {manifest['step']}, written with layout {manifest['layout']})")
         return True
 
 
-def save_request(trainer: "Trainer") -> manager.SaveRequest:
-    tensors, index, scalars = rank_share(trainer.model, holder_of(trainer), trainer.ctx,
-                                         manager.shard_name(trainer.rank))
-    rng = rng_tensors(trainer.device)
+def save_request(parts: CheckpointParts) -> manager.SaveRequest:
+    tensors, index, scalars = rank_share(parts.model, parts.holder, parts.ctx, manager.shard_name(parts.ctx.rank))
+    rng = rng_tensors(parts.device)
     fragment = {"index": index, "rng": sorted(rng), "scalars": scalars}
-    return manager.SaveRequest(trainer.step, {**tensors, **rng}, fragment, manifest_extra(trainer))
+    return manager.SaveRequest(parts.train_state.step, {**tensors, **rng}, fragment, manifest_extra(parts))
 
 
-def holder_of(trainer: "Trainer"):
-    return state_holder(trainer.optimizer, trainer.cfg.zero.stage)
-
-
-def manifest_extra(trainer: "Trainer") -> dict:
-    dims, cfg = trainer.ctx.dims, trainer.cfg
+def manifest_extra(parts: CheckpointParts) -> dict:
+    dims, cfg = parts.ctx.dims, parts.config
     layout = {"world_size": dims.world_size, "dp": dims.dp, "ep": dims.ep, "tp": dims.tp,
               "expert_tp": cfg.parallel.expert_tp, "zero_stage": cfg.zero.stage}
     return {"layout": layout, "config": json.loads(json.dumps(dataclasses.asdict(cfg))),
-            "trainer": {"step": trainer.step, "tokens": trainer.tokens_seen,
-                        "loader": trainer.data.train.state_dict()}}
+            "trainer": {**parts.train_state.state_dict(), "loader": parts.loader.state_dict()}}
 
 
-def check_compatible(manifest: dict, trainer: "Trainer") -> None:
+def check_compatible(manifest: dict, parts: CheckpointParts) -> None:
     """Refuse a checkpoint of a differently shaped model, listing every difference."""
-    saved, now = manifest["config"], dataclasses.asdict(trainer.cfg)
+    saved, now = manifest["config"], dataclasses.asdict(parts.config)
     diffs = [f"{section}.{key}: checkpoint {saved[section][key]!r}, this run {now[section][key]!r}"
              for section, keys in SHAPE_FIELDS.items() for key in keys if saved[section][key] != now[section][key]]
-    place = placements(trainer.model, trainer.ctx)
+    place = placements(parts.model, parts.ctx)
     tensors = manifest["tensors"]
     for name, p in place.items():
         entry = tensors.get(f"model/{name}")
@@ -95,17 +127,16 @@ def check_compatible(manifest: dict, trainer: "Trainer") -> None:
                                       "model shape:\n  " + "\n  ".join(diffs))
 
 
-def restore(trainer: "Trainer", directory: Path, manifest: dict) -> None:
+def restore(parts: CheckpointParts, directory: Path, manifest: dict, say: Callable[[str], None]) -> None:
     reader = ChunkReader(directory, manifest["tensors"])
-    place = placements(trainer.model, trainer.ctx)
-    holder = holder_of(trainer)
-    load_model(trainer.model, holder, reader, place)
-    load_optimizer(trainer.model, holder, reader, place, manifest["optimizer_scalars"])
+    place = placements(parts.model, parts.ctx)
+    load_model(parts.model, parts.holder, reader, place)
+    load_optimizer(parts.model, parts.holder, reader, place, manifest["optimizer_scalars"])
     state = manifest["trainer"]
-    trainer.step, trainer.tokens_seen = int(state["step"]), int(state["tokens"])
-    fast_forward_schedule(trainer.scheduler, trainer.step)
-    trainer.data.train.load_state_dict(state["loader"])
-    restore_rank_rng(trainer, reader, manifest)
+    parts.train_state.load_state_dict(state)
+    fast_forward_schedule(parts.scheduler, parts.train_state.step)
+    parts.loader.load_state_dict(state["loader"])
+    restore_rank_rng(parts, reader, manifest, say)
 
 
 def fast_forward_schedule(scheduler, step: int) -> None:
@@ -117,15 +148,16 @@ def fast_forward_schedule(scheduler, step: int) -> None:
     scheduler._last_lr = lrs  # what get_last_lr() reports
 
 
-def restore_rank_rng(trainer: "Trainer", reader: ChunkReader, manifest: dict) -> None:
+def restore_rank_rng(parts: CheckpointParts, reader: ChunkReader, manifest: dict, say: Callable[[str], None]) -> None:
     """Same layout: each rank continues its own random stream. Another layout: the streams cannot continue (ranks
     differ), so each rank reseeds from (seed, step, rank): deterministic, and said."""
-    same_layout = manifest["layout"]["world_size"] == trainer.ctx.dims.world_size
-    entry = manifest["rng"].get(str(trainer.rank))
+    rank = parts.ctx.rank
+    same_layout = manifest["layout"]["world_size"] == parts.ctx.dims.world_size
+    entry = manifest["rng"].get(str(rank))
     if same_layout and entry is not None:
         handle = reader.handle(entry["file"])
-        restore_rng({key: handle.get_tensor(key) for key in entry["keys"]}, trainer.device)
+        restore_rng({key: handle.get_tensor(key) for key in entry["keys"]}, parts.device)
         return
-    torch.manual_seed(trainer.cfg.train.seed + 1_000_003 * trainer.step + trainer.rank)
-    trainer.console.print0("the world size changed: random streams (noisy gating, second-expert sampling) were "
-                           "reseeded from (train.seed, step, rank)")
+    torch.manual_seed(parts.config.train.seed + 1_000_003 * parts.train_state.step + rank)
+    say("the world size changed: random streams (noisy gating, second-expert sampling) were reseeded from "
+        "(train.seed, step, rank)")

@@ -171,12 +171,3 @@ class Zero3State(PartitionedState):
     def load_weights(self, p, whole):
         start, count = self._range(p)
         p.ds_tensor[:count].copy_(whole.reshape(-1)[start:start + count])
-
-
-def state_holder(optimizer, zero_stage: int) -> TorchState:
-    """Who holds the weights and optimizer state: the trainer's optimizer is the engine's under zero.stage >= 0."""
-    if zero_stage in (1, 2):
-        return Zero12State(optimizer)
-    if zero_stage == 3:
-        return Zero3State(optimizer)
-    return TorchState(optimizer)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from moe_train.models.moe.experts import expert_param_ids
+from moe_train.models.shard_spec import ShardSpec, shard_specs
 from moe_train.parallel.context import ParallelContext
 
 
@@ -64,24 +64,15 @@ def flat_blocks(shape: tuple[int, ...], start: int, stop: int,
 
 def placements(model: nn.Module, ctx: ParallelContext) -> dict[str, Placement]:
     """Placement of every parameter of this rank's part of the model, by parameter name."""
-    expert_ids = expert_param_ids(model)
-    return {name: param_placement(p, id(p) in expert_ids, ctx) for name, p in model.named_parameters()}
+    return {name: param_placement(spec, ctx) for name, spec in shard_specs(model).items()}
 
 
-def param_placement(p: nn.Parameter, is_expert: bool, ctx: ParallelContext) -> Placement:
-    dims = ctx.dims
-    shape = tuple(getattr(p, "ds_shape", p.shape))  # ZeRO 3 empties p; its local (unpartitioned) shape stays here
-    global_shape, offsets = list(shape), [0] * len(shape)
-    tp_dim = getattr(p, "tp_shard_dim", None)
-    if tp_dim is not None and dims.tp > 1:
-        global_shape[tp_dim] *= dims.tp
-        offsets[tp_dim] = ctx.tp_rank * shape[tp_dim]
-    if is_expert and dims.ep > 1:
-        global_shape[0] *= dims.ep
-        offsets[0] = ctx.ep_rank * shape[0]
-    writes_tp = tp_dim is not None or ctx.tp_rank == 0  # tp-replicated tensors: tp rank 0 only
-    writes_dp = ctx.dp_rank < dims.ep if is_expert else ctx.dp_rank == 0  # edp rank 0 / dp rank 0
-    return Placement(tuple(global_shape), tuple(offsets), shape, is_expert, writes_tp and writes_dp)
+def param_placement(spec: ShardSpec, ctx: ParallelContext) -> Placement:
+    """The spec's region; written by tp rank 0 unless split over tp, and by dp rank 0 (dense) or the first edp
+    replica (experts: dp ranks [0, ep) hold one copy of every expert shard)."""
+    writes_tp = "tp" in spec.over or ctx.tp_rank == 0
+    writes_dp = ctx.dp_rank < ctx.dims.ep if spec.expert else ctx.dp_rank == 0
+    return Placement(spec.global_shape, spec.offsets, spec.shape, spec.expert, writes_tp and writes_dp)
 
 
 def overlap(want_off, want_shape, have_off, have_shape) -> tuple[tuple[slice, ...], tuple[slice, ...]] | None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 MIXED_PRECISION = ("none", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
+ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
 
 
 @dataclass
@@ -53,6 +54,12 @@ class TrainConfig:
     seconds per distinct block), later ones run fused kernels. Under expert parallelism the all-to-all runs eagerly
     between the compiled regions (see moe_train/parallel/compile.py)."""
 
+    activation_checkpointing: str = "none"
+    """Recompute activations in backward instead of keeping them: `none`; `full` (each transformer block keeps
+    only its input: the least memory, about +33% compute); `selective` (the feed-forward networks, routed experts
+    included, recompute their hidden activations, the largest part of an MoE block's; no communication is
+    repeated). See moe_train/parallel/activation_checkpoint.py."""
+
     tf32: bool = True
     """Let float32 matmuls and convolutions use TF32 tensor cores on Ampere and later GPUs (10-bit mantissa inputs,
     float32 accumulation; what torch calls float32 matmul precision `high`). No effect on CPU."""
@@ -62,6 +69,9 @@ def validate_train_config(cfg: TrainConfig) -> None:
     if cfg.mixed_precision not in MIXED_PRECISION:
         raise ValueError(f"train.mixed_precision={cfg.mixed_precision!r} is not supported; "
                          f"allowed: {', '.join(MIXED_PRECISION)}")
+    if cfg.activation_checkpointing not in ACTIVATION_CHECKPOINTING:
+        raise ValueError(f"train.activation_checkpointing={cfg.activation_checkpointing!r} is not supported; "
+                         f"allowed: {', '.join(ACTIVATION_CHECKPOINTING)}")
     if cfg.device not in DEVICES:
         raise ValueError(f"train.device={cfg.device!r} is not supported; allowed: {', '.join(DEVICES)}")
     for name in ("max_steps", "batch_size", "grad_accum_steps", "seq_len", "log_every", "eval_batches"):

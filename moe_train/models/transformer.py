@@ -14,7 +14,7 @@ No torch.distributed here: parallelism is applied from the outside (moe_train.pa
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,10 @@ from torch import nn
 
 from moe_train.config.model import ModelConfig, validate_model_config
 from moe_train.config.moe import MoEConfig
+from moe_train.models.init import init_parameters
+from moe_train.models.moe.experts import expert_param_ids
 from moe_train.models.moe.layer import MoELayer
+from moe_train.models.shard_spec import whole_specs
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,10 +55,6 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
 
-    def init_weights(self, std: float) -> None:
-        for linear in (self.wq, self.wk, self.wv, self.wo):
-            nn.init.normal_(linear.weight, std=std)
-
     def forward(self, x_BSD: torch.Tensor, cos_SK: torch.Tensor, sin_SK: torch.Tensor) -> torch.Tensor:
         B, S, _ = x_BSD.shape
         # Head counts come from the projections' widths: under tensor parallelism each rank holds a slice of the
@@ -77,10 +76,6 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(d_ff, d_model, bias=False)
         self.w3 = nn.Linear(d_model, d_ff, bias=False)
 
-    def init_weights(self, std: float) -> None:
-        for linear in (self.w1, self.w2, self.w3):
-            nn.init.normal_(linear.weight, std=std)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Module calls (not functional on .weight) so that tensor parallelism can wrap each projection.
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -97,12 +92,6 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.moe = MoELayer(cfg.d_model, moe_cfg) if cfg.is_moe_layer(layer_id) else None
         self.feed_forward = None if self.moe is not None else FeedForward(cfg.d_model, cfg.d_ff)
-
-    def init_weights(self, std: float) -> None:
-        self.attention_norm.reset_parameters()
-        self.ffn_norm.reset_parameters()
-        self.attention.init_weights(std)
-        (self.moe or self.feed_forward).init_weights(std)
 
     def forward(self, x_BSD, cos_SK, sin_SK) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         x_BSD = x_BSD + self.attention(self.attention_norm(x_BSD), cos_SK, sin_SK)
@@ -123,6 +112,7 @@ class Transformer(nn.Module):
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.build_rope(device=None)
+        self.shard_specs = whole_specs(self, expert_param_ids(self))  # narrowed by apply_tp / apply_ep
 
     def build_rope(self, device) -> None:
         """RoPE tables as non-persistent buffers (recomputed, never checkpointed)."""
@@ -131,15 +121,13 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """Initialise every parameter and buffer in place (after `to_empty` from the meta device)."""
-        std = self.cfg.init_std
-        nn.init.normal_(self.tok_embeddings.weight, std=std)
-        for layer in self.layers:
-            layer.init_weights(std)
-        self.norm.reset_parameters()
-        if self.output is not None:
-            nn.init.normal_(self.output.weight, std=std)
+    def init_weights(self, seed: Optional[int] = None) -> None:
+        """Initialise every parameter (this process's region of it, per `shard_specs`) and buffer in place, after
+        `to_empty` from the meta device; the values do not depend on the layout (models/init.py). seed None: one
+        drawn from torch's global generator (a seeded program stays reproducible; two builds differ)."""
+        if seed is None:
+            seed = int(torch.randint(0, 2 ** 62, ()).item())
+        init_parameters(self, self.shard_specs, self.cfg.init_std, seed)
         self.build_rope(self.tok_embeddings.weight.device)
 
     def moe_layers(self) -> Iterator[MoELayer]:
@@ -163,12 +151,17 @@ class Transformer(nn.Module):
 
 
 def build_model(cfg: ModelConfig, moe_cfg: MoEConfig, device: torch.device | str = "cpu",
-                dtype: Optional[torch.dtype] = None) -> Transformer:
-    """Construct on the meta device, allocate once on `device`, initialise. The router stays float32."""
+                dtype: Optional[torch.dtype] = None, seed: Optional[int] = None,
+                shard: Optional[Callable[[Transformer], None]] = None) -> Transformer:
+    """Construct on the meta device, let `shard` cut it to this process's part (shapes only: parallelize), allocate
+    that part once on `device` and initialise it (init_weights: the values do not depend on the layout). The
+    router stays float32 under `dtype`."""
     with torch.device("meta"):
         model = Transformer(cfg, moe_cfg)
+    if shard is not None:
+        shard(model)
     model.to_empty(device=device)
-    model.init_weights()
+    model.init_weights(seed)
     if dtype is not None:
         model.to(dtype)
         for moe in model.moe_layers():

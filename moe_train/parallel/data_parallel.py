@@ -14,16 +14,16 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from moe_train.models.moe.experts import expert_param_ids
+from moe_train.models.shard_spec import shard_specs
 
 
 def split_expert_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """(dense, expert) trainable parameters; expert = the stacked weights of routed experts."""
-    expert_ids = expert_param_ids(model)
+    specs = shard_specs(model)
     dense, expert = [], []
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (expert if id(p) in expert_ids else dense).append(p)
+            (expert if specs[name].expert else dense).append(p)
     return dense, expert
 
 
@@ -51,20 +51,14 @@ def reduce_gradients(model: nn.Module, dp_group, edp_group, dp: int) -> None:
     _all_reduce_flat([p.grad for p in expert], edp_group, 1.0 / dp)
 
 
-
-
-def shard_groups(param: nn.Parameter, is_expert: bool) -> tuple[str, ...]:
-    """Mesh dimensions this parameter is partitioned over: experts over ep, tp-split weights over tp."""
-    return (("ep",) if is_expert else ()) + (("tp",) if hasattr(param, "tp_shard_dim") else ())
-
-
 def _squares_by_partition(model: nn.Module) -> tuple[dict[tuple[str, ...], torch.Tensor], list[torch.Tensor]]:
-    """Sum of squared gradient entries per partition key (float32, on the gradients' device), and all gradients."""
-    dense, expert = split_expert_params(model)
+    """Sum of squared gradient entries per partition key (the sorted mesh dims a parameter is split over; float32,
+    on the gradients' device), and all gradients."""
+    specs = shard_specs(model)
     by_key: dict[tuple[str, ...], list[torch.Tensor]] = {}
-    for params, is_expert in ((dense, False), (expert, True)):
-        for p in (p for p in params if p.grad is not None):
-            by_key.setdefault(shard_groups(p, is_expert), []).append(p.grad)
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.grad is not None:
+            by_key.setdefault(tuple(sorted(specs[name].over)), []).append(p.grad)
     # One fused norm kernel per key instead of a pow and a sum per parameter.
     sums = {key: torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32)).pow(2).sum()
             for key, grads in by_key.items()}

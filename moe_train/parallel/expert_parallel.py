@@ -19,8 +19,9 @@ import torch.distributed._functional_collectives as funcol
 from torch import nn
 
 from moe_train.models.moe.dispatch import ExpertBatch, LocalDispatcher
-from moe_train.models.moe.experts import GroupedExperts
+from moe_train.models.moe.layer import MoELayer
 from moe_train.models.moe.routing import DispatchPlan
+from moe_train.parallel.sharding import shard_param
 
 
 class CommCounter:
@@ -122,23 +123,15 @@ class AllToAllDispatcher(LocalDispatcher):
         return out.view(plan.num_experts, plan.capacity, -1)
 
 
-def shard_experts(experts: GroupedExperts, ep_rank: int, ep: int) -> None:
-    """Keep experts [ep_rank * L, (ep_rank + 1) * L) of the stacked weights (copies: the full stack is freed)."""
-    local = experts.num_experts // ep
-    for name in ("w1", "w2", "w3"):
-        w = getattr(experts, name)
-        if w is not None:
-            setattr(experts, name, nn.Parameter(w.detach()[ep_rank * local:(ep_rank + 1) * local].clone()))
-
-
 def apply_ep(model: nn.Module, group: dist.ProcessGroup | None, ep_rank: int, ep: int,
              counter: CommCounter | None = None) -> None:
     """Shard every MoE layer's experts over the ep ranks and install the all-to-all dispatcher (all layers share
-    `counter`)."""
+    `counter`). Expert e stays on ep rank e // (E / ep); also on the meta device (sharded construction)."""
     if ep == 1:
         return
-    for moe in model.moe_layers():
-        shard_experts(moe.experts, ep_rank, ep)
+    for prefix, moe in [(n, m) for n, m in model.named_modules() if isinstance(m, MoELayer)]:
+        for name, _ in moe.experts.named_parameters():
+            shard_param(model, f"{prefix}.experts.{name}", 0, ep_rank, ep, "ep")
         moe.dispatcher = AllToAllDispatcher(group, ep, counter)
 
 

@@ -1,7 +1,10 @@
 """`parallelize`: the one place where a model built for one process is turned into this rank's part of the
 layout, in a fixed order: tensor parallelism, then expert parallelism (they split different dimensions of the
-expert stacks: tp the width F, ep the expert dimension E), then torch.compile of each block (last: it compiles the
-sharded blocks with their installed dispatchers)."""
+expert stacks: tp the width F, ep the expert dimension E), then activation checkpointing, then torch.compile of
+each block (last: it compiles the sharded blocks with their installed dispatchers and checkpoints).
+
+It runs on the meta device in the Trainer (sharded construction: only shapes are cut, and each rank then allocates
+and initialises its part; models/init.py), and equally on a materialised model."""
 
 from __future__ import annotations
 
@@ -10,7 +13,8 @@ import torch.distributed as dist
 from torch import nn
 
 from moe_train.config.parallel import ParallelConfig
-from moe_train.models.moe.experts import expert_param_ids
+from moe_train.models.shard_spec import shard_specs
+from moe_train.parallel.activation_checkpoint import apply_ac
 from moe_train.parallel.compile import apply_compile
 from moe_train.parallel.context import ParallelContext
 from moe_train.parallel.expert_parallel import CommCounter, apply_ep
@@ -18,10 +22,11 @@ from moe_train.parallel.tensor_parallel import apply_tp
 
 
 def parallelize(model: nn.Module, ctx: ParallelContext, cfg: ParallelConfig, counter: CommCounter,
-                compile_blocks: bool = False) -> None:
+                compile_blocks: bool = False, activation_checkpointing: str = "none") -> None:
     groups = ctx.groups
     apply_tp(model, groups.tp if groups else None, ctx.tp_rank, ctx.dims.tp, cfg.expert_tp)
     apply_ep(model, groups.ep if groups else None, ctx.ep_rank, ctx.dims.ep, counter)
+    apply_ac(model, activation_checkpointing)
     apply_compile(model, compile_blocks)
 
 
@@ -31,12 +36,12 @@ def full_state_dict(model: nn.Module, ctx: ParallelContext) -> dict:
     state = model.state_dict()
     if ctx.groups is None:
         return state
-    expert_ids = expert_param_ids(model)
+    specs = shard_specs(model)
     for name, p in model.named_parameters():
-        t = p.detach()
-        if hasattr(p, "tp_shard_dim") and ctx.dims.tp > 1:
-            t = _gather(t, p.tp_shard_dim, ctx.groups.tp)
-        if id(p) in expert_ids and ctx.dims.ep > 1:
+        t, spec = p.detach(), specs[name]
+        if "tp" in spec.over:
+            t = _gather(t, spec.tp_dim, ctx.groups.tp)
+        if "ep" in spec.over:
             t = _gather(t, 0, ctx.groups.ep)
         state[name] = t
     return state

@@ -8,7 +8,7 @@ grouping stays local), wo split by input columns; input wrapped by copy_to_tp, o
 SwiGLU FFN the same way (w1, w3 column-parallel, w2 row-parallel). Experts are replicated across tp, or with
 parallel.expert_tp split along their width F (w1/w3 rows, w2 columns) with the same two operators around them.
 Norms, embeddings, the LM head and the router stay replicated; their gradients are identical on every tp rank
-because copy_to_tp sums the partial input gradients. Every split parameter is tagged `tp_shard_dim`.
+because copy_to_tp sums the partial input gradients. Every split is recorded in `model.shard_specs` ("tp").
 
 Collectives: one all-reduce per wrapped module in forward (reduce_from_tp) and one in backward (copy_to_tp).
 """
@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from moe_train.parallel.sharding import shard_param
 
 
 class _CopyToTP(torch.autograd.Function):
@@ -45,15 +47,6 @@ class _ReduceFromTP(torch.autograd.Function):
         return grad, None
 
 
-def shard_param(module: nn.Module, name: str, dim: int, tp_rank: int, tp: int) -> None:
-    """Replace parameter `name` by its tp_rank-th slice along `dim` (a copy: the full tensor is freed)."""
-    full = getattr(module, name)
-    size = full.shape[dim] // tp
-    local = nn.Parameter(full.detach().narrow(dim, tp_rank * size, size).clone())
-    local.tp_shard_dim = dim
-    setattr(module, name, local)
-
-
 def wrap_tp_region(module: nn.Module, group: dist.ProcessGroup) -> None:
     """copy_to_tp on the module's first input, reduce_from_tp on its output (forward hooks)."""
     def pre(mod, args):
@@ -69,20 +62,21 @@ def wrap_tp_region(module: nn.Module, group: dist.ProcessGroup) -> None:
 
 
 def apply_tp(model: nn.Module, group: dist.ProcessGroup | None, tp_rank: int, tp: int, expert_tp: bool) -> None:
+    """Split the layers' projections over tp (also on the meta device: sharded construction) and wrap them."""
     if tp == 1:
         return
-    for block in model.layers:
-        attn = block.attention
-        for name, dim in (("wq", 0), ("wk", 0), ("wv", 0), ("wo", 1)):
-            shard_param(getattr(attn, name), "weight", dim, tp_rank, tp)
-        wrap_tp_region(attn, group)
+
+    def split(prefix: str, plan: tuple[tuple[str, int], ...]) -> None:
+        for name, dim in plan:
+            if f"{prefix}.{name}" in model.shard_specs:  # w3 is absent for non-gated expert activations
+                shard_param(model, f"{prefix}.{name}", dim, tp_rank, tp, "tp")
+
+    for i, block in enumerate(model.layers):
+        split(f"layers.{i}.attention", (("wq.weight", 0), ("wk.weight", 0), ("wv.weight", 0), ("wo.weight", 1)))
+        wrap_tp_region(block.attention, group)
         if block.feed_forward is not None:
-            for name, dim in (("w1", 0), ("w3", 0), ("w2", 1)):
-                shard_param(getattr(block.feed_forward, name), "weight", dim, tp_rank, tp)
+            split(f"layers.{i}.feed_forward", (("w1.weight", 0), ("w3.weight", 0), ("w2.weight", 1)))
             wrap_tp_region(block.feed_forward, group)
         elif expert_tp:
-            experts = block.moe.experts
-            for name, dim in (("w1", 1), ("w3", 1), ("w2", 2)):
-                if getattr(experts, name) is not None:
-                    shard_param(experts, name, dim, tp_rank, tp)
-            wrap_tp_region(experts, group)
+            split(f"layers.{i}.moe.experts", (("w1", 1), ("w3", 1), ("w2", 2)))
+            wrap_tp_region(block.moe.experts, group)

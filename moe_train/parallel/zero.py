@@ -59,6 +59,7 @@ from deepspeed.utils import groups as ds_groups
 from deepspeed.utils import set_z3_leaf_modules
 from torch import nn
 
+from moe_train.checkpoint.holders import TorchState, Zero3State, Zero12State
 from moe_train.config.schema import Config
 from moe_train.models.moe.layer import MoELayer
 from moe_train.parallel.context import ParallelContext
@@ -167,8 +168,8 @@ def build_deepspeed_engine(model: nn.Module, cfg: Config, ctx: ParallelContext, 
 
 
 class ZeroEngine:
-    """The trainer's side of a DeepSpeed engine: forward, backward per micro-batch, clipping and the step at the
-    accumulation boundary. Its `optimizer` and `lr_scheduler` replace the trainer's own."""
+    """The Engine (training/engine.py) over a DeepSpeed engine: forward, backward per micro-batch, clipping and the
+    step at the accumulation boundary, with DeepSpeed's optimizer (wrapping our AdamW) and our schedule."""
 
     def __init__(self, model: nn.Module, cfg: Config, ctx: ParallelContext, micro_batch_size: int):
         self.model, self.cfg, self.ctx = model, cfg, ctx
@@ -180,12 +181,20 @@ class ZeroEngine:
         return self.engine.optimizer
 
     @property
-    def lr_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
+    def scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
         return self.engine.lr_scheduler
 
-    def __call__(self, *args, **kwargs):
-        """Forward through the engine: it registers the hooks its backward (and ZeRO 3's gathering) need."""
-        return self.engine(*args, **kwargs)
+    def forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Through the engine: it registers the hooks its backward (and ZeRO 3's gathering) need."""
+        return self.engine(inputs, return_aux=True)
+
+    def state_holder(self) -> TorchState:
+        """Stage 0: our AdamW's whole tensors; 1/2: partitioned optimizer state; 3: partitioned weights too."""
+        if self.cfg.zero.stage in (1, 2):
+            return Zero12State(self.optimizer)
+        if self.cfg.zero.stage == 3:
+            return Zero3State(self.optimizer)
+        return TorchState(self.optimizer)
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         """engine.backward divides the loss by gradient_accumulation_steps. Collectives: stage 0/1 reduce the

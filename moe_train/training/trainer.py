@@ -16,19 +16,18 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from moe_train.checkpoint.checkpointer import Checkpointer
+from moe_train.checkpoint.checkpointer import Checkpointer, CheckpointParts, TrainState
 from moe_train.config.schema import Config
 from moe_train.config.train import TrainConfig
 from moe_train.data import DataBundle, build_data
 from moe_train.data.device import DevicePrefetcher
 from moe_train.models.transformer import Transformer, build_model
 from moe_train.parallel.context import ParallelContext
-from moe_train.parallel.data_parallel import clip_grad_norm, reduce_gradients
 from moe_train.parallel.expert_parallel import CommCounter
 from moe_train.parallel.parallelize import parallelize
 from moe_train.training.loggers import Console, MetricsFile, Progress, build_logger
 from moe_train.training.moe_stats import MoEStatsAccumulator
-from moe_train.training.optim import build_optimizer, build_scheduler
+from moe_train.training.engine import Engine, build_engine
 
 
 def resolve_device(name: str) -> torch.device:
@@ -62,16 +61,15 @@ class Trainer:
         self.device = device if device is not None else resolve_device(cfg.train.device)
         self.comm = CommCounter()
         configure_device(self.device, cfg.train)
-        torch.manual_seed(cfg.train.seed)  # init and every random routing choice follow the seed
+        torch.manual_seed(cfg.train.seed)  # every random routing choice follows the seed (init: build_model)
         self.data = self.build_data()
         self.model = self.build_model()
         self.description = self.describe_model()  # before ZeRO-3 partitions the parameters
-        self.engine = self.build_engine()  # None unless zero.stage >= 0
-        self.optimizer, self.scheduler = self.build_optimizer_and_schedule()
+        self.engine = self.build_engine()  # collective when distributed
         self.stats = MoEStatsAccumulator(self.model)
-        self.step, self.tokens_seen = 0, 0
-        self.checkpointer = Checkpointer(cfg.checkpoint, run_dir)
-        self.checkpointer.resume(self)  # collective when distributed
+        self.state = TrainState()
+        self.checkpointer = self.build_checkpointer()
+        self.checkpointer.resume()  # collective when distributed
         # Resuming (also `auto` with nothing to resume) drops the records of steps that will run again.
         self.metrics = MetricsFile(run_dir / "metrics.jsonl" if self.ctx.is_rank0 else None,
                                    resumed_step=self.step if cfg.checkpoint.resume != "none" else None)
@@ -80,6 +78,22 @@ class Trainer:
     @property
     def micro_batch_size(self) -> int:
         return self.cfg.train.batch_size // (self.cfg.train.grad_accum_steps * self.ctx.dims.dp)
+
+    @property
+    def step(self) -> int:
+        return self.state.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.state.step = value
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self.engine.optimizer
+
+    @property
+    def scheduler(self):
+        return self.engine.scheduler
 
     def group(self, name: str):
         return getattr(self.ctx.groups, name) if self.ctx.groups is not None else None
@@ -92,36 +106,32 @@ class Trainer:
         return data
 
     def build_model(self) -> Transformer:
-        """Full model on every rank (same seed: same weights), then each rank keeps its part (parallelize).
-        Cost: the full model is allocated once per rank before sharding."""
+        """Sharded construction: the model on the meta device, cut to this rank's part by `parallelize` (tp, ep:
+        shapes only), then only that part allocated and initialised, its values the slices of the unsharded
+        initialisation (models/init.py). Peak memory: this rank's part plus one (per-expert) tensor."""
         vocab = self.cfg.model.vocab_size
         if vocab < self.data.vocab_size:
             raise ValueError(f"model.vocab_size={vocab} is smaller than the vocabulary of "
                              f"data.tokenizer={self.cfg.data.tokenizer!r} ({self.data.vocab_size} tokens)")
-        model = build_model(self.cfg.model, self.cfg.moe, self.device)
-        parallelize(model, self.ctx, self.cfg.parallel, self.comm, compile_blocks=self.cfg.train.compile)
-        return model
 
-    def build_engine(self):
-        """zero.stage >= 0: the DeepSpeed engine around the parallelized model, with its own optimizer and schedule
-        (moe_train/parallel/zero.py). Imported only then: `import deepspeed` costs seconds."""
-        if self.cfg.zero.stage < 0:
-            return None
-        from moe_train.parallel.zero import ZeroEngine
+        def shard(model: Transformer) -> None:
+            parallelize(model, self.ctx, self.cfg.parallel, self.comm, compile_blocks=self.cfg.train.compile,
+                        activation_checkpointing=self.cfg.train.activation_checkpointing)
 
-        return ZeroEngine(self.model, self.cfg, self.ctx, self.micro_batch_size)  # collective
+        return build_model(self.cfg.model, self.cfg.moe, self.device, seed=self.cfg.train.seed, shard=shard)
+
+    def build_engine(self) -> Engine:
+        return build_engine(self.model, self.cfg, self.ctx, self.device, self.micro_batch_size)
+
+    def build_checkpointer(self) -> Checkpointer:
+        parts = CheckpointParts(self.model, self.engine.state_holder(), self.scheduler, self.data.train, self.state,
+                                self.cfg, self.ctx, self.device)
+        return Checkpointer(self.cfg.checkpoint, self.run_dir, parts, self.console.print0)
 
     def gathered_parameters(self):
-        """Context in which every parameter is whole on this rank (ZeRO 3 gathers them: collective) and may be
-        read, e.g. by full_state_dict; a no-op otherwise."""
-        return self.engine.gathered_parameters() if self.engine is not None else contextlib.nullcontext()
-
-    def build_optimizer_and_schedule(self):
-        """torch AdamW and the LR schedule; the engine's under zero.stage >= 0 (the same AdamW and schedule)."""
-        if self.engine is not None:
-            return self.engine.optimizer, self.engine.lr_scheduler
-        optimizer = build_optimizer(self.model, self.cfg.optim, self.device)
-        return optimizer, build_scheduler(optimizer, self.cfg.optim, self.cfg.train.max_steps)
+        """Context in which every parameter is whole on this rank and may be read, e.g. by full_state_dict
+        (collective under ZeRO 3)."""
+        return self.engine.gathered_parameters()
 
     def autocast(self):
         if self.cfg.train.mixed_precision == "bf16":
@@ -132,19 +142,14 @@ class Trainer:
         """(LM cross-entropy, scaled MoE aux + z loss) of one micro-batch."""
         inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
         with self.autocast():
-            logits, aux_loss = (self.model if self.engine is None else self.engine)(inputs, return_aux=True)
+            logits, aux_loss = self.engine.forward(inputs)
         return lm_loss(logits, targets), aux_loss
 
     def train_step(self, collect_stats: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
         """One optimizer step over grad_accum_steps micro-batches: (mean LM loss, grad norm, lr used)."""
         loss, grad_norm = self.compute_gradients(collect_stats)
         lr = self.scheduler.get_last_lr()[0]
-        if self.engine is not None:
-            return loss, self.engine.step(grad_norm), lr  # collectives; steps the schedule too
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss, grad_norm, lr
+        return loss, self.engine.step(grad_norm), lr  # collectives under ZeRO; steps the schedule too
 
     def compute_gradients(self, collect_stats: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Forward/backward of this rank's micro-batches, gradients reduced over the layout and clipped:
@@ -153,26 +158,16 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         for i in range(accum):
             loss, aux_loss = self.forward_loss(*self.data.train.next_batch())
-            self.backward(loss + aux_loss, last=i == accum - 1)
+            self.engine.backward(loss + aux_loss, last=i == accum - 1)  # collectives under ZeRO 2/3
             loss_sum += loss.detach()
             if collect_stats:
                 self.stats.add()
         return loss_sum / accum, self.reduce_and_clip()
 
-    def backward(self, loss: torch.Tensor, last: bool) -> None:
-        """Gradients of one micro-batch's loss, accumulated (divided by grad_accum_steps)."""
-        if self.engine is None:
-            (loss / self.cfg.train.grad_accum_steps).backward()
-            return
-        self.engine.backward(loss, last)  # collectives (see ZeroEngine.backward)
-
     def reduce_and_clip(self) -> Optional[torch.Tensor]:
         """Gradients reduced over the layout and clipped; the global grad norm before clipping (None under ZeRO
         1-3, whose optimizer clips and measures the norm in its step)."""
-        if self.engine is not None:
-            return self.engine.clip()  # collectives at stage 0
-        reduce_gradients(self.model, self.group("dp"), self.group("edp"), self.ctx.dims.dp)  # collectives
-        return clip_grad_norm(self.model, self.cfg.optim.grad_clip, self.ctx.groups)  # collectives
+        return self.engine.clip()  # collectives
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -221,7 +216,7 @@ class Trainer:
         self.step = step
         tokens = self.cfg.train.batch_size * self.cfg.train.seq_len
         window.tokens += tokens
-        self.tokens_seen += tokens
+        self.state.tokens_seen += tokens
         window.steps += 1
         if log_now:
             last = self.log_step(step, loss, grad_norm, lr, window)
@@ -231,7 +226,7 @@ class Trainer:
                 last = {**last, "val_loss": self.log_eval(step)}
         if self.checkpointer.should_save(step, self.cfg.train.max_steps):
             with window.paused():
-                self.checkpointer.save(self)  # collective
+                self.checkpointer.save()  # collective
         progress.update(1)
         return last
 

@@ -116,6 +116,8 @@ class NoisyTopKRouter(TopKRouter):
     full-softmax probabilities, with it they equal Shazeer's softmax over the k kept noisy logits.
     """
 
+    zero_init = ("noise_weight",)  # models/init.py: the noise starts at softplus(0)
+
     def __init__(self, d_model: int, cfg: MoEConfig):
         super().__init__(d_model, cfg)
         self.noise_weight = nn.Parameter(torch.zeros(cfg.num_experts, d_model, dtype=torch.float32))

@@ -1,0 +1,61 @@
+"""Where a parameter held by this process sits in the global (one-process) parameter: the one shard description.
+
+Every model parameter has a `ShardSpec`, kept by name in `model.shard_specs` (names survive torch.compile in place,
+ZeRO and FSDP wrapping; attributes on a Parameter object do not survive its replacement). The model starts with
+whole specs; `apply_tp` and `apply_ep` (moe_train/parallel) narrow them as they split parameters. Everything that
+needs to know how a parameter is partitioned reads it here: sharded initialisation (models/init.py), checkpoint
+placement, gradient reduction and grad-norm grouping (parallel/data_parallel.py), full_state_dict.
+
+Pure data: no process groups. `over` names the mesh dimensions ("tp", "ep") that hold the other pieces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    global_shape: tuple[int, ...]
+    offsets: tuple[int, ...]  # of the local region in the global tensor
+    shape: tuple[int, ...]  # local region's shape
+    expert: bool = False  # routed experts' stack: dim 0 is the global expert id; reduced over edp, not dp
+    tp_dim: int | None = None  # the dim split over tp, if any
+    over: tuple[str, ...] = ()  # mesh dims the pieces are spread over, in the order they were split
+
+    @staticmethod
+    def whole(shape, expert: bool = False) -> "ShardSpec":
+        shape = tuple(shape)
+        return ShardSpec(shape, (0,) * len(shape), shape, expert)
+
+    def split(self, dim: int, index: int, parts: int, mesh_dim: str) -> "ShardSpec":
+        """Piece `index` of `parts` equal pieces of the local region along `dim` (ValueError if it does not divide)."""
+        if self.shape[dim] % parts:
+            raise ValueError(f"cannot split dim {dim} of size {self.shape[dim]} into {parts} equal parts over "
+                             f"{mesh_dim}")
+        size = self.shape[dim] // parts
+        shape = self.shape[:dim] + (size,) + self.shape[dim + 1:]
+        offsets = self.offsets[:dim] + (self.offsets[dim] + index * size,) + self.offsets[dim + 1:]
+        tp_dim = dim if mesh_dim == "tp" else self.tp_dim
+        return replace(self, offsets=offsets, shape=shape, tp_dim=tp_dim, over=self.over + (mesh_dim,))
+
+    @property
+    def is_whole(self) -> bool:
+        return self.shape == self.global_shape
+
+    def local_slices(self) -> tuple[slice, ...]:
+        """The local region as slices of the global tensor."""
+        return tuple(slice(o, o + s) for o, s in zip(self.offsets, self.shape))
+
+
+def whole_specs(model: nn.Module, expert_ids: set[int]) -> dict[str, ShardSpec]:
+    return {name: ShardSpec.whole(p.shape, id(p) in expert_ids) for name, p in model.named_parameters()}
+
+
+def shard_specs(model: nn.Module) -> dict[str, ShardSpec]:
+    """Specs by parameter name (as the unwrapped model's named_parameters() gives them); a model without
+    `shard_specs` (a foreign model, e.g. HF's in the benchmarks) is whole and has no routed-expert stacks."""
+    specs = getattr(model, "shard_specs", None)
+    return specs if specs is not None else whole_specs(model, set())
