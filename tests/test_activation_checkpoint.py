@@ -8,6 +8,7 @@ import torch
 
 from moe_train.cli_config import compose_config
 from moe_train.config import validate_config
+from helpers import load_bench_script
 from multiproc import run_ranks
 from test_distributed_train import make_trainer, overrides, train_layout
 
@@ -31,20 +32,10 @@ def test_checkpointing_changes_neither_losses_nor_gradients(tmp_path, mode, ac):
 
 
 def saved_activation_bytes(ac: str, tmp_path) -> int:
-    """Bytes of the distinct tensors autograd keeps for backward after one forward (what checkpointing saves)."""
+    """Activation bytes autograd keeps for backward after one forward (what checkpointing saves)."""
     trainer = make_trainer(overrides("dropless", 1, (f"train.activation_checkpointing={ac}",)), 1, 0,
                            tmp_path / ac)
-    inputs, targets = trainer.data.train.next_batch()
-    kept: dict[tuple, int] = {}
-
-    def pack(t: torch.Tensor):
-        kept[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss, aux = trainer.forward_loss(inputs, targets)
-    (loss + aux).backward()
-    return sum(kept.values())
+    return load_bench_script("activation_memory").saved_bytes(trainer)
 
 
 def test_checkpointing_keeps_less_for_backward(tmp_path):

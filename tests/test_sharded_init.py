@@ -16,7 +16,7 @@ import textwrap
 import pytest
 import torch
 
-from moe_train.config import ModelConfig, MoEConfig
+from moe_train.config import Config, ModelConfig, MoEConfig
 from moe_train.config.parallel import ParallelConfig, ParallelDims
 from moe_train.models.init import param_seed
 from moe_train.models.transformer import build_model
@@ -32,7 +32,7 @@ SEED = 1234
 
 def build_rank(rank: int, dims: ParallelDims, expert_tp: bool = True, seed: int = SEED):
     ctx = ParallelContext(rank, dims, None)
-    cfg = ParallelConfig(dp=dims.dp, ep=dims.ep, tp=dims.tp, expert_tp=expert_tp)
+    cfg = Config(parallel=ParallelConfig(dp=dims.dp, ep=dims.ep, tp=dims.tp, expert_tp=expert_tp))
     return build_model(MODEL, MOE, seed=seed, shard=lambda m: parallelize(m, ctx, cfg, CommCounter()))
 
 
@@ -111,7 +111,7 @@ def test_a_width_that_does_not_divide_is_refused_with_the_sizes():
 PEAK_SCRIPT = textwrap.dedent("""
     import json, resource, sys
     import torch
-    from moe_train.config import ModelConfig, MoEConfig
+    from moe_train.config import Config, ModelConfig, MoEConfig
     from moe_train.config.parallel import ParallelConfig, ParallelDims
     from moe_train.models.transformer import build_model
     from moe_train.parallel.context import ParallelContext
@@ -122,7 +122,7 @@ PEAK_SCRIPT = textwrap.dedent("""
     model_cfg = ModelConfig(vocab_size=256, d_model=512, n_layers=4, n_heads=8, n_kv_heads=4, d_ff=1024)
     moe_cfg = MoEConfig(num_experts=16, top_k=2, d_ff=1024)
     dims = ParallelDims(4, 4, 1)
-    ctx, cfg = ParallelContext(1, dims, None), ParallelConfig(dp=4, ep=4)
+    ctx, cfg = ParallelContext(1, dims, None), Config(parallel=ParallelConfig(dp=4, ep=4))
     shard = lambda m: parallelize(m, ctx, cfg, CommCounter())
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if mode == "sharded":  # the Trainer's way

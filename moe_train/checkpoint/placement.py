@@ -69,9 +69,13 @@ def placements(model: nn.Module, ctx: ParallelContext) -> dict[str, Placement]:
 
 def param_placement(spec: ShardSpec, ctx: ParallelContext) -> Placement:
     """The spec's region; written by tp rank 0 unless split over tp, and by dp rank 0 (dense) or the first edp
-    replica (experts: dp ranks [0, ep) hold one copy of every expert shard)."""
+    replica (experts: dp ranks [0, ep) hold one copy of every expert shard), unless FSDP2 cut it over dp or edp
+    (then every rank holds its own rows and writes them)."""
     writes_tp = "tp" in spec.over or ctx.tp_rank == 0
-    writes_dp = ctx.dp_rank < ctx.dims.ep if spec.expert else ctx.dp_rank == 0
+    if "dp" in spec.over or "edp" in spec.over:
+        writes_dp = True
+    else:
+        writes_dp = ctx.dp_rank < ctx.dims.ep if spec.expert else ctx.dp_rank == 0
     return Placement(spec.global_shape, spec.offsets, spec.shape, spec.expert, writes_tp and writes_dp)
 
 

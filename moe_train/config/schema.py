@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from moe_train.config.checkpoint import CheckpointConfig, validate_checkpoint_config
 from moe_train.config.data import DataConfig, validate_data_config
+from moe_train.config.fsdp import FSDPConfig, validate_fsdp_config
 from moe_train.config.logging import LoggingConfig, validate_logging_config
 from moe_train.config.model import ModelConfig, validate_model_config
 from moe_train.config.moe import MoEConfig, validate_moe_config
@@ -29,6 +30,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     zero: ZeroConfig = field(default_factory=ZeroConfig)
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
 
 
 def validate_config(cfg: Config, world_size: int = 1) -> ParallelDims:
@@ -43,6 +45,7 @@ def validate_config(cfg: Config, world_size: int = 1) -> ParallelDims:
     validate_checkpoint_config(cfg.checkpoint)
     validate_parallel_config(cfg.parallel)
     validate_zero_config(cfg.zero, cfg.parallel.ep, cfg.parallel.tp, world_size)
+    validate_fsdp_config(cfg.fsdp, cfg.zero.stage, world_size)
     dims = resolve_dims(cfg.parallel, world_size, cfg.model, cfg.moe)
     validate_cross(cfg, dims)
     return dims

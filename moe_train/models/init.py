@@ -82,4 +82,5 @@ def init_parameters(model: nn.Module, specs: dict[str, ShardSpec], std: float, s
     for module_name, module in model.named_modules():
         for param_name, p in module.named_parameters(recurse=False):
             name = f"{module_name}.{param_name}" if module_name else param_name
-            init_parameter(p, init_fill(module, param_name, std), specs[name], seed, name)
+            local = p.to_local() if hasattr(p, "to_local") else p  # FSDP2's DTensor: this rank's rows
+            init_parameter(local, init_fill(module, param_name, std), specs[name], seed, name)

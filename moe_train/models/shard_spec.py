@@ -23,7 +23,8 @@ class ShardSpec:
     shape: tuple[int, ...]  # local region's shape
     expert: bool = False  # routed experts' stack: dim 0 is the global expert id; reduced over edp, not dp
     tp_dim: int | None = None  # the dim split over tp, if any
-    over: tuple[str, ...] = ()  # mesh dims the pieces are spread over, in the order they were split
+    over: tuple[str, ...] = ()  # mesh dims the pieces are spread over, in the order they were split ("tp", "ep";
+    # FSDP2 adds "dp" or "edp", cutting dim 0 last)
 
     @staticmethod
     def whole(shape, expert: bool = False) -> "ShardSpec":
@@ -40,6 +41,15 @@ class ShardSpec:
         offsets = self.offsets[:dim] + (self.offsets[dim] + index * size,) + self.offsets[dim + 1:]
         tp_dim = dim if mesh_dim == "tp" else self.tp_dim
         return replace(self, offsets=offsets, shape=shape, tp_dim=tp_dim, over=self.over + (mesh_dim,))
+
+    def chunk(self, index: int, parts: int, mesh_dim: str) -> "ShardSpec":
+        """Piece `index` of the local region cut along dim 0 as torch.chunk (and FSDP2) cut it: rows
+        [index * c, min(n, (index + 1) * c)), c = ceil(n / parts); trailing pieces may be short or empty."""
+        rows = self.shape[0]
+        size = -(-rows // parts)
+        first, last = min(rows, index * size), min(rows, (index + 1) * size)
+        return replace(self, offsets=(self.offsets[0] + first, *self.offsets[1:]), shape=(last - first, *self.shape[1:]),
+                       over=self.over + (mesh_dim,))
 
     @property
     def is_whole(self) -> bool:

@@ -58,13 +58,15 @@ def _squares_by_partition(model: nn.Module) -> tuple[dict[tuple[str, ...], torch
     by_key: dict[tuple[str, ...], list[torch.Tensor]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad and p.grad is not None:
-            by_key.setdefault(tuple(sorted(specs[name].over)), []).append(p.grad)
+            grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad  # FSDP2: this rank's rows
+            by_key.setdefault(tuple(sorted(specs[name].over)), []).append(grad)
     # One fused norm kernel per key instead of a pow and a sum per parameter.
     sums = {key: torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float32)).pow(2).sum()
             for key, grads in by_key.items()}
     return sums, [g for grads in by_key.values() for g in grads]
 
 
+@torch.no_grad()
 def clip_grad_norm(model: nn.Module, max_norm: float, groups) -> torch.Tensor:
     """Global L2 norm of all gradients and torch's clipping rule: scale by min(1, max_norm / (norm + 1e-6)).
     Squares of partitioned parameters are summed over their groups (collectives); replicated ones count once.

@@ -26,6 +26,8 @@ class ParallelGroups:
     ep: dist.ProcessGroup | None  # tokens are exchanged here
     edp: dist.ProcessGroup | None  # expert gradients are averaged here
     tp: dist.ProcessGroup | None
+    dp_mesh: DeviceMesh  # 1-D meshes for FSDP2: dense parameters are sharded over dp, experts over edp
+    edp_mesh: DeviceMesh
 
 
 def build_mesh(dims: ParallelDims, device_type: str) -> ParallelGroups:
@@ -37,4 +39,4 @@ def build_mesh(dims: ParallelDims, device_type: str) -> ParallelGroups:
         return sub.get_group() if size > 1 else None
 
     return ParallelGroups(dims, mesh, group(dp_mesh, dims.dp), group(mesh["ep"], dims.ep),
-                          group(mesh["edp"], dims.edp), group(mesh["tp"], dims.tp))
+                          group(mesh["edp"], dims.edp), group(mesh["tp"], dims.tp), dp_mesh, mesh["edp"])

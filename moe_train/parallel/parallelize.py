@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moe_train.config.parallel import ParallelConfig
+from moe_train.config.schema import Config
 from moe_train.models.shard_spec import shard_specs
 from moe_train.parallel.activation_checkpoint import apply_ac
 from moe_train.parallel.compile import apply_compile
@@ -21,30 +21,42 @@ from moe_train.parallel.expert_parallel import CommCounter, apply_ep
 from moe_train.parallel.tensor_parallel import apply_tp
 
 
-def parallelize(model: nn.Module, ctx: ParallelContext, cfg: ParallelConfig, counter: CommCounter,
-                compile_blocks: bool = False, activation_checkpointing: str = "none") -> None:
+def parallelize(model: nn.Module, ctx: ParallelContext, cfg: Config, counter: CommCounter) -> None:
     groups = ctx.groups
-    apply_tp(model, groups.tp if groups else None, ctx.tp_rank, ctx.dims.tp, cfg.expert_tp)
+    apply_tp(model, groups.tp if groups else None, ctx.tp_rank, ctx.dims.tp, cfg.parallel.expert_tp)
     apply_ep(model, groups.ep if groups else None, ctx.ep_rank, ctx.dims.ep, counter)
-    apply_ac(model, activation_checkpointing)
-    apply_compile(model, compile_blocks)
+    apply_ac(model, cfg.train.activation_checkpointing)
+    apply_compile(model, cfg.train.compile)
+    if cfg.fsdp.enabled:
+        from moe_train.parallel.fsdp import apply_fsdp  # imports the trainer's engine module: only when used
+
+        apply_fsdp(model, ctx, cfg.train.mixed_precision == "bf16", cfg.fsdp.reshard_after_forward,
+                   sum_only=dist.get_backend() == "gloo")
 
 
 def full_state_dict(model: nn.Module, ctx: ParallelContext) -> dict:
-    """Collective: the state dict one process would hold, gathering tp-split weights (along their split dim)
-    and sharded expert stacks (along E, over ep)."""
+    """Collective: the state dict one process would hold (see gather_full)."""
     state = model.state_dict()
     if ctx.groups is None:
         return state
-    specs = shard_specs(model)
-    for name, p in model.named_parameters():
-        t, spec = p.detach(), specs[name]
+    return {**state, **gather_full(model, ctx, {name: p.detach() for name, p in model.named_parameters()})}
+
+
+def gather_full(model: nn.Module, ctx: ParallelContext, tensors: dict[str, torch.Tensor]) -> dict:
+    """Collective: each rank's piece of parameter-shaped tensors (weights, gradients) made whole: FSDP2's dp/edp
+    rows gathered first (they were cut last), then tp-split weights along their split dim and expert stacks
+    along E over ep."""
+    specs, full = shard_specs(model), {}
+    for name, t in tensors.items():
+        spec = specs[name]
+        if hasattr(t, "full_tensor"):  # FSDP2's DTensor
+            t = t.full_tensor()  # collective
         if "tp" in spec.over:
             t = _gather(t, spec.tp_dim, ctx.groups.tp)
         if "ep" in spec.over:
             t = _gather(t, 0, ctx.groups.ep)
-        state[name] = t
-    return state
+        full[name] = t
+    return full
 
 
 def _gather(t: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tensor:

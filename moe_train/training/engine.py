@@ -5,6 +5,8 @@ holding the model:
   * LocalEngine: plain tensors on every rank; our gradient reduction over dp/edp (parallel/data_parallel.py) and
     torch AdamW. One process, or any dp x ep x tp layout without a sharding engine.
   * ZeroEngine (parallel/zero.py): DeepSpeed ZeRO stages 0-3 (`zero.stage >= 0`).
+  * FSDPEngine (parallel/fsdp.py): torch FSDP2, experts sharded over their expert-data-parallel mesh
+    (`fsdp.enabled=true`).
 
 The Trainer calls only these methods, never branching on the kind (torchtitan's train_step has the same shape:
 forward/backward per micro-batch, then clip and step). Engines that need DeepSpeed import it only when chosen.
@@ -88,7 +90,11 @@ class LocalEngine:
 def build_engine(model: nn.Module, cfg: Config, ctx: ParallelContext, device: torch.device,
                  micro_batch_size: int) -> Engine:
     """The engine config selects: ZeRO under zero.stage >= 0 (collective; `import deepspeed` costs seconds, so
-    only then), else local."""
+    only then), FSDP2 under fsdp.enabled (parallelize already sharded the model), else local."""
+    if cfg.fsdp.enabled:
+        from moe_train.parallel.fsdp import FSDPEngine
+
+        return FSDPEngine(model, cfg, ctx, device)
     if cfg.zero.stage >= 0:
         from moe_train.parallel.zero import ZeroEngine
 

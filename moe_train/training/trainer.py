@@ -115,8 +115,7 @@ class Trainer:
                              f"data.tokenizer={self.cfg.data.tokenizer!r} ({self.data.vocab_size} tokens)")
 
         def shard(model: Transformer) -> None:
-            parallelize(model, self.ctx, self.cfg.parallel, self.comm, compile_blocks=self.cfg.train.compile,
-                        activation_checkpointing=self.cfg.train.activation_checkpointing)
+            parallelize(model, self.ctx, self.cfg, self.comm)  # collective under FSDP (mesh look-ups)
 
         return build_model(self.cfg.model, self.cfg.moe, self.device, seed=self.cfg.train.seed, shard=shard)
 

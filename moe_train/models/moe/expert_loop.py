@@ -31,37 +31,45 @@ def _alloc(shape, like: torch.Tensor, filled: bool) -> torch.Tensor:
 
 class _ExpertLoop(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_RD, w1_EFD, w2_EDF, w3_EFD: Optional[torch.Tensor], groups: Groups, activation: str):
+    def forward(ctx, x, w1_EFD, w2_EDF, w3_EFD: Optional[torch.Tensor], groups: Groups, activation: str):
+        """x: rows [R, D], or any [..., D] taken as its rows (the result has x's shape and is no view: FSDP2
+        warns about modules that return views)."""
+        x_RD = x.view(-1, x.shape[-1])
         filled = sum(n for _, _, n in groups) == x_RD.shape[0]
-        y_RD = _alloc(x_RD.shape, x_RD, filled)
-        hidden = []
+        y = _alloc(x.shape, x, filled)
+        y_RD = y.view(x_RD.shape)
+        hidden = []  # (h1, h3) of each non-empty group, in order
         for e, start, n in groups:
             if n == 0:
-                hidden.append(None)
                 continue
             x_nD = x_RD[start:start + n]
             h1_nF = x_nD @ w1_EFD[e].t()
             h3_nF = x_nD @ w3_EFD[e].t() if w3_EFD is not None else None
             torch.mm(activate(h1_nF, h3_nF, activation), w2_EDF[e].t(), out=y_RD[start:start + n])
-            hidden.append((h1_nF, h3_nF))
-        ctx.save_for_backward(x_RD, w1_EFD, w2_EDF, w3_EFD)
-        ctx.hidden, ctx.groups, ctx.activation, ctx.filled = hidden, groups, activation, filled
-        return y_RD
+            hidden += [h1_nF, h3_nF]
+        # Everything through save_for_backward (not ctx attributes): activation checkpointing can then drop the
+        # hidden activations and recompute them, and saved-tensor hooks see them.
+        ctx.save_for_backward(x, w1_EFD, w2_EDF, w3_EFD, *hidden)
+        ctx.groups, ctx.activation, ctx.filled = groups, activation, filled
+        return y
 
     @staticmethod
-    def backward(ctx, grad_RD):
-        x_RD, w1, w2, w3 = ctx.saved_tensors
+    def backward(ctx, grad):
+        x, w1, w2, w3, *hidden = ctx.saved_tensors
+        pairs = iter(zip(hidden[0::2], hidden[1::2]))
+        x_RD, grad_RD = x.view(-1, x.shape[-1]), grad.reshape(-1, x.shape[-1])
         used = {e for e, _, n in ctx.groups if n > 0}
-        grad_x = _alloc(x_RD.shape, x_RD, ctx.filled)
+        grad_x_full = _alloc(x.shape, x, ctx.filled)
+        grad_x = grad_x_full.view(x_RD.shape)
         grads_w = [_alloc(w.shape, w, len(used) == w1.shape[0]) if w is not None else None for w in (w1, w2, w3)]
         seen: set[int] = set()
-        for (e, start, n), hidden in zip(ctx.groups, ctx.hidden):
+        for e, start, n in ctx.groups:
             if n > 0:
                 rows = slice(start, start + n)
-                _expert_backward(e, grad_RD[rows], x_RD[rows], (w1, w2, w3), hidden, ctx.activation,
+                _expert_backward(e, grad_RD[rows], x_RD[rows], (w1, w2, w3), next(pairs), ctx.activation,
                                  grad_x[rows], grads_w, accumulate=e in seen)
                 seen.add(e)
-        return grad_x, grads_w[0], grads_w[1], grads_w[2], None, None
+        return grad_x_full, grads_w[0], grads_w[1], grads_w[2], None, None
 
 
 def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
@@ -91,7 +99,8 @@ def _expert_backward(e, gy_nD, x_nD, weights, hidden, activation, gx_nD, grads_w
 
 
 def expert_loop(x_RD, w1_EFD, w2_EDF, w3_EFD, groups: Groups, activation: str) -> torch.Tensor:
-    """Rows of group e through expert e (SwiGLU when w3 is given, else act(x w1^T) w2^T); other rows are 0.
+    """Rows of group e through expert e (SwiGLU when w3 is given, else act(x w1^T) w2^T); other rows are 0. x_RD
+    may also be [..., D] (e.g. a capacity buffer), taken as its rows; the result has its shape.
 
     Under autocast the inputs are cast to the autocast dtype here, because the Function's `out=` matmuls bypass it."""
     device_type = x_RD.device.type

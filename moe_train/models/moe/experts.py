@@ -105,8 +105,7 @@ class GroupedExperts(nn.Module):
     def forward_loop(self, x: torch.Tensor, counts_E: torch.Tensor, weights: Weights) -> torch.Tensor:
         """One matmul chain per non-empty group over its filled rows only (capacity segments, or dropless groups)."""
         groups = capacity_groups(x.shape[1], counts_E) if x.dim() == 3 else dropless_groups(counts_E)
-        x_RD = x.reshape(-1, x.shape[-1])
-        return expert_loop(x_RD, *weights, groups, self.activation).view(x.shape)
+        return expert_loop(x, *weights, groups, self.activation)  # rows of x, in x's shape
 
 
 def expert_param_ids(model: nn.Module) -> set[int]:
