@@ -44,9 +44,11 @@ def test_checkpointing_keeps_less_for_backward(tmp_path):
     assert full < 0.5 * none, (none, full)
 
 
-def test_ep2_full_recompute_runs_the_all_to_all_again_and_equals_one_process(tmp_path):
-    """Deterministic routing: with random draws, ranks draw from their own streams and no layout equals one process."""
-    args = ("parallel.ep=2", "train.activation_checkpointing=full")
+@pytest.mark.parametrize("layout", [("parallel.ep=2",), ("parallel.ep=2", "fsdp.enabled=true")], ids=["ep2", "fsdp_ep2"])
+def test_ep2_full_recompute_runs_the_all_to_all_again_and_equals_one_process(tmp_path, layout):
+    """Deterministic routing: with random draws, ranks draw from their own streams and no layout equals one process.
+    Under FSDP2 the recomputation runs inside the block's unit, with its parameters gathered for backward."""
+    args = (*layout, "train.activation_checkpointing=full")
     results = run_ranks(2, train_layout, overrides("dropless", 2, args), str(tmp_path / "ep2"))
     torch.manual_seed(0)
     ref = train_layout(0, 1, overrides("dropless", 1), str(tmp_path / "single"))

@@ -79,13 +79,16 @@ def train_compiled(rank: int, world_size: int, args: list[str], run_dir: str) ->
     return losses_of(pathlib.Path(run_dir)) if rank == 0 else []
 
 
-@pytest.mark.slow  # two ranks compiling on 2 cores, ~70 s
-def test_compiled_expert_parallel_training_equals_eager_single_process(tmp_path):
+@pytest.mark.slow  # two ranks compiling on 2 cores, ~70 s each
+@pytest.mark.parametrize("engine", [(), ("fsdp.enabled=true", "train.activation_checkpointing=selective")],
+                         ids=["plain", "fsdp_selective_ac"])
+def test_compiled_expert_parallel_training_equals_eager_single_process(tmp_path, engine):
     """ep 2, dropless, train.compile=true: the all-to-all (and its host-read split sizes) runs eagerly between the
-    compiled regions of each block; 5 steps equal the eager single-process run within float32 tolerance."""
+    compiled regions of each block; 5 steps equal the eager single-process run within float32 tolerance. Also with
+    FSDP2 around the compiled blocks and the experts' forward checkpointed inside them."""
     from test_distributed_train import overrides
 
     reference = train_compiled(0, 1, overrides("dropless", 1), str(tmp_path / "eager"))
-    args = overrides("dropless", 2, ("parallel.ep=2", "train.compile=true"))
+    args = overrides("dropless", 2, ("parallel.ep=2", "train.compile=true", *engine))
     compiled = run_ranks(2, train_compiled, args, str(tmp_path / "compiled"))[0]
     assert compiled == pytest.approx(reference, abs=2e-4)
