@@ -78,3 +78,19 @@ def test_zero3_resumes_bit_for_bit_and_its_checkpoint_loads_without_deepspeed(ze
     resumed_model = make_trainer(args_for(1, 1, -1, checkpoint_of(half)), 1, 0, tmp_path / "view").model
     whole = load_checkpoint_weights(half / "checkpoints" / f"step_{HALF:08d}")  # what to-hf converts
     assert all(torch.equal(whole.state_dict()[k], v) for k, v in resumed_model.state_dict().items())
+
+
+def test_zero3_with_expert_parallelism_resumes_bit_for_bit_and_elsewhere(zero2_runs, tmp_path):
+    """ZeRO 3 at ep 2, every parameter partitioned (experts over edp): each rank stores its ranges of the weights
+    and AdamW state; the run resumes bit for bit, and its checkpoint resumes at world 1 without DeepSpeed."""
+    straight, _ = zero2_runs
+    stage3 = ("zero.param_persistence_threshold=0",)
+    full = run_ranks(2, train, args_for(2, 2, 3, f"train.max_steps={STEPS}", *stage3), str(tmp_path / "straight"))[0]
+    assert full == pytest.approx(straight, abs=1e-5)
+    half = tmp_path / "half"
+    run_ranks(2, train, args_for(2, 2, 3, f"train.max_steps={HALF}", f"checkpoint.every={HALF}", *stage3), str(half))
+    resumed = run_ranks(2, train, args_for(2, 2, 3, f"train.max_steps={STEPS}", checkpoint_of(half), *stage3),
+                        str(tmp_path / "resumed"))[0]
+    assert resumed == full[HALF:]
+    alone = train(0, 1, args_for(1, 1, -1, f"train.max_steps={STEPS}", checkpoint_of(half)), str(tmp_path / "one"))
+    assert alone == pytest.approx(full[HALF:], abs=1e-5)

@@ -111,7 +111,8 @@ def test_fsdp_resume_at_the_same_layout_is_bit_for_bit(fsdp_runs, tmp_path):
 
 
 MOVES = {"plain_world1": (1, 1, 1, "plain"), "zero2_ep2": (2, 2, 2, "zero2"), "fsdp_dp2": (2, 2, 1, "fsdp")}
-SLOW_MOVES = {"zero0_ep2": (2, 2, 2, "zero0"), "zero1_dp4_ep2": (4, 4, 2, "zero1"), "zero3_dp2": (2, 2, 1, "zero3")}
+SLOW_MOVES = {"zero0_ep2": (2, 2, 2, "zero0"), "zero1_dp4_ep2": (4, 4, 2, "zero1"), "zero3_dp2": (2, 2, 1, "zero3"),
+              "zero3_ep2": (2, 2, 2, "zero3")}
 
 
 def check_move(fsdp_runs, tmp_path, world: int, dp: int, ep: int, engine: str) -> None:

@@ -19,13 +19,16 @@ from moe_train.config import validate_config
 from moe_train.parallel.data_parallel import split_expert_params
 from moe_train.parallel.parallelize import full_state_dict
 from multiproc import run_ranks
-from test_distributed_train import MODES, full_state_dict_like, make_trainer, overrides
+from test_distributed_train import MODES, full_grads, make_trainer, overrides
 
 LAYOUTS = {  # name: (world size, data-parallel size, extra overrides)
     "zero0_ep2": (2, 2, ("zero.stage=0", "parallel.ep=2")),
     "zero1_ep2": (2, 2, ("zero.stage=1", "parallel.ep=2")),
     "zero2_ep2": (2, 2, ("zero.stage=2", "parallel.ep=2")),
     "zero3_dp2": (2, 2, ("zero.stage=3",)),
+    # Every parameter partitioned (the tiny experts would otherwise stay whole): experts gathered over edp.
+    "zero3_ep2": (2, 2, ("zero.stage=3", "parallel.ep=2", "zero.param_persistence_threshold=0")),
+    "zero3_dp4_ep2": (4, 4, ("zero.stage=3", "parallel.ep=2", "zero.param_persistence_threshold=0")),
 }
 
 
@@ -43,8 +46,7 @@ def capture_first_step(trainer, out: dict) -> None:
     def reduce_and_clip_once():
         norm = reduce_and_clip()
         if "grads" not in out and trainer.cfg.zero.stage <= 0:
-            grads = {name: p.grad for name, p in trainer.model.named_parameters()}
-            out["grads"] = {k: v.clone() for k, v in full_state_dict_like(trainer, grads).items()}  # collective
+            out["grads"] = {k: v.clone() for k, v in full_grads(trainer).items()}  # collective
         return norm
 
     def train_step_once(*args, **kwargs):
@@ -143,7 +145,7 @@ def test_expert_optimizer_state_is_divided_over_expert_data_parallel_ranks(tmp_p
 
 ZERO_ERRORS = [
     (["zero.stage=5"], 2, r"zero\.stage=5 is not supported; allowed: -1, 0, 1, 2, 3"),
-    (["zero.stage=3", "parallel.ep=2"], 2, r"zero\.stage=3 with parallel\.ep=2 is not supported.*allowed: "),
+    (["zero.stage=3", "zero.param_persistence_threshold=-1"], 2, r"zero\.param_persistence_threshold=-1 must be"),
     (["zero.stage=1", "parallel.tp=2"], 2, r"zero\.stage=1 with parallel\.tp=2 is not supported yet"),
     (["zero.stage=2"], 1, r"zero\.stage=2 needs a distributed launch \(world size 1\)"),
     (["zero.stage=1", "zero.reduce_bucket_size=0"], 2, r"zero\.reduce_bucket_size=0 must be >= 1"),

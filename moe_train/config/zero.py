@@ -26,6 +26,10 @@ class ZeroConfig:
     allgather_bucket_size: int = 500_000_000
     """Elements per parameter all-gather bucket after the step, stages 1-2 (DeepSpeed's default 5e8)."""
 
+    param_persistence_threshold: int = 100_000
+    """ZeRO 3: parameters with fewer elements than this stay whole on every rank (not partitioned, no gather per
+    use); DeepSpeed's stage3_param_persistence_threshold, default 1e5. 0 partitions every parameter."""
+
 
 def validate_zero_config(cfg: ZeroConfig, ep: int, tp: int, world_size: int) -> None:
     """Boundary checks that need only the config and the world size (raised before the layout is resolved)."""
@@ -34,10 +38,6 @@ def validate_zero_config(cfg: ZeroConfig, ep: int, tp: int, world_size: int) -> 
                          f"(-1 = DeepSpeed not used)")
     if cfg.stage < 0:
         return
-    if cfg.stage == 3 and ep > 1:
-        raise ValueError(f"zero.stage=3 with parallel.ep={ep} is not supported (DeepSpeed partitions no expert-"
-                         f"parallel parameters under ZeRO-3); allowed: zero.stage 0, 1 or 2 with parallel.ep > 1, "
-                         f"or zero.stage=3 with parallel.ep=1")
     if tp > 1:
         raise ValueError(f"zero.stage={cfg.stage} with parallel.tp={tp} is not supported yet (no DeepSpeed mpu); "
                          f"allowed: parallel.tp=1, or zero.stage=-1 with tensor parallelism")
@@ -47,3 +47,5 @@ def validate_zero_config(cfg: ZeroConfig, ep: int, tp: int, world_size: int) -> 
     for name in ("reduce_bucket_size", "allgather_bucket_size"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"zero.{name}={getattr(cfg, name)} must be >= 1 (elements)")
+    if cfg.param_persistence_threshold < 0:
+        raise ValueError(f"zero.param_persistence_threshold={cfg.param_persistence_threshold} must be >= 0 (elements)")

@@ -19,10 +19,16 @@ What DeepSpeed then does (0.19.8, read in engine.py and runtime/zero/stage_1_and
     `reduce_gradients` does (each expert shard already summed every ep rank's tokens through the all-to-all);
   * ZeRO 1/2: optimizer groups marked `'moe': True` are partitioned over the expert-data-parallel group (dp / ep
     ranks), the others over dp. The global grad norm sums the partitions' squares over dp: the true global norm.
-  * ZeRO 3 partitions parameters, and refuses MoE: zero.stage=3 is accepted with parallel.ep=1 only (validated
-    in moe_train/config/zero.py). Experts are then ordinary dense parameters, which is right since edp = dp, and no
-    marker is installed. Each MoE layer is made a ZeRO-3 leaf module (`set_z3_leaf_modules`): all its parameters
-    are gathered when it is entered. Needed because ZeRO-3 re-gathers a module's parameters for backward through
+  * ZeRO 3 partitions parameters too, and refuses a native `MoE` ("Native DeepSpeed MoE is not supported with
+    ZeRO Stage 3"), but since 0.19.3 accepts its AutoEP layer: under stage 3 with parallel.ep > 1 the marker is an
+    `AutoEPMarker` (a parameter-free AutoEPMoELayer) and the expert stacks also carry the AutoEP placement tags
+    (`ds_zero_placement_family="autoep_expert"`, `ds_zero_partition_group_name`), so the engine partitions them over
+    the expert-data-parallel group, sums their gradients over it divided by dp, and sums the global norm's expert
+    squares over ep (read in engine.py `_resolve_zero3_param_placement`, stage3.py `_gradient_averaging_world_size`,
+    `get_grad_norm_direct`). Untagged experts would be partitioned over dp and train wrong without an error, so
+    after initialize every expert's partition group is checked against the mesh's edp group. At ep = 1 the experts
+    are ordinary dense parameters (edp = dp) and no marker is installed. Each MoE layer is made a ZeRO-3 leaf module
+    (`set_z3_leaf_modules`): all its parameters are gathered when it is entered. Needed because ZeRO-3 re-gathers a module's parameters for backward through
     hooks on the tensors the module returns, and the router returns a dataclass whose tensors those hooks do not
     see (its weight would be a 0-element partition when its gradient arrives); it is also DeepSpeed's advice for
     MoE, whose order of module calls varies from batch to batch.
@@ -53,6 +59,7 @@ from typing import Iterator, Optional
 import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.module_inject.auto_ep_layer import AutoEPMoELayer
 from deepspeed.moe.layer import MoE
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from deepspeed.utils import groups as ds_groups
@@ -88,6 +95,26 @@ class ExpertParallelMarker(MoE):
         raise RuntimeError("ExpertParallelMarker only marks a MoE layer for DeepSpeed; it is never called")
 
 
+class AutoEPMarker(AutoEPMoELayer):
+    """ZeRO 3's marker: the engine refuses a native `MoE` under stage 3 but accepts its AutoEP layer (DeepSpeed
+    >= 0.19.3), whose expert parameters it partitions over the expert-data-parallel group. Skips
+    AutoEPMoELayer.__init__ (it would build a router and experts from a Hugging Face block); no parameters, never
+    called."""
+
+    def __init__(self, num_experts: int, ep_size: int):
+        nn.Module.__init__(self)
+        self.num_experts, self.ep_size = num_experts, ep_size
+        self.num_local_experts = num_experts // ep_size
+        self.ep_group_name = expert_group_name(ep_size)
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False,
+                                  folding_group_handles=None) -> None:
+        """As ExpertParallelMarker's: the groups exist and were checked before deepspeed.initialize."""
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("AutoEPMarker only marks a MoE layer for DeepSpeed; it is never called")
+
+
 def expert_group_name(ep: int) -> str:
     return f"ep_size_{ep}"  # the name DeepSpeed's MoE layer gives its expert groups
 
@@ -118,12 +145,17 @@ def create_expert_groups(ctx: ParallelContext) -> str:
     return name
 
 
-def mark_experts(model: nn.Module, num_experts: int, ep: int, group_name: str) -> None:
-    """Hang a marker under every MoE layer and tag its expert stacks as DeepSpeed expert parameters."""
+def mark_experts(model: nn.Module, num_experts: int, ep: int, group_name: str, stage: int) -> None:
+    """Hang a marker under every MoE layer and tag its expert stacks as DeepSpeed expert parameters; under ZeRO 3
+    as AutoEP experts (the tags the engine's ZeRO-3 placement reads: without them it partitions the experts over
+    dp, mixing different ranks' experts, silently)."""
+    marker = AutoEPMarker if stage == 3 else ExpertParallelMarker
     for moe in model.moe_layers():
-        moe.add_module(MARKER_NAME, ExpertParallelMarker(num_experts, ep))
+        moe.add_module(MARKER_NAME, marker(num_experts, ep))
         for p in moe.experts.parameters():
-            p.allreduce, p.group_name = False, group_name
+            p.allreduce, p.group_name = False, group_name  # broadcast and reduced over edp, not dp
+            if stage == 3:
+                p.ds_zero_placement_family, p.ds_zero_partition_group_name = "autoep_expert", group_name
 
 
 def optimizer_groups(model: nn.Module, weight_decay: float, has_experts: bool) -> list[dict]:
@@ -144,26 +176,50 @@ def deepspeed_config(cfg: Config, micro_batch_size: int, dp: int) -> dict:
             "gradient_clipping": clip,
             "zero_allow_untested_optimizer": True,
             "zero_optimization": {"stage": zero.stage, "reduce_bucket_size": zero.reduce_bucket_size,
-                                  "allgather_bucket_size": zero.allgather_bucket_size},
+                                  "allgather_bucket_size": zero.allgather_bucket_size,
+                                  "stage3_param_persistence_threshold": zero.param_persistence_threshold},
             "steps_per_print": 2 ** 62,  # we log; DeepSpeed's own progress lines would repeat it
             "wall_clock_breakdown": False}
+
+
+def prepare_model(model: nn.Module, cfg: Config, ctx: ParallelContext) -> bool:
+    """Collective: mark the experts for DeepSpeed (and make MoE layers ZeRO-3 leaf modules); True if the model has
+    expert parameters DeepSpeed must treat apart (not at ZeRO 3 with ep 1: there edp = dp, experts are dense)."""
+    has_moe = any(True for _ in model.moe_layers())
+    has_experts = has_moe and (cfg.zero.stage < 3 or ctx.dims.ep > 1)
+    if has_experts:
+        mark_experts(model, cfg.moe.num_experts, ctx.dims.ep, create_expert_groups(ctx), cfg.zero.stage)
+    if cfg.zero.stage == 3 and has_moe:
+        set_z3_leaf_modules(model, [MoELayer])
+    return has_experts
+
+
+def check_zero3_expert_partitions(model: nn.Module, ctx: ParallelContext) -> None:
+    """After initialize under ZeRO 3 with ep > 1: every expert stack is partitioned over the mesh's edp group (a
+    DeepSpeed that ignored the tags would partition it over dp and train wrong, silently)."""
+    edp = sorted(group_ranks(ctx.groups.edp, ctx.rank))
+    for moe in model.moe_layers():
+        for p in moe.experts.parameters():
+            ranks = sorted(dist.get_process_group_ranks(p.ds_process_group))
+            if ranks != edp:
+                raise RuntimeError(f"rank {ctx.rank}: DeepSpeed partitioned an expert parameter over ranks {ranks}, "
+                                   f"not the expert-data-parallel group {edp} (parallel.ep={ctx.dims.ep})")
 
 
 def build_deepspeed_engine(model: nn.Module, cfg: Config, ctx: ParallelContext, micro_batch_size: int):
     """Collective: DeepSpeed's groups and engine for this rank's (already parallelized) model, with a torch AdamW
     client optimizer over the dense/expert groups and our LR schedule (both then owned by the engine)."""
     init_deepspeed_comm(cfg.parallel.backend if cfg.parallel.backend != "auto" else None)
-    has_experts = cfg.zero.stage < 3 and any(True for _ in model.moe_layers())
-    if has_experts:
-        mark_experts(model, cfg.moe.num_experts, ctx.dims.ep, create_expert_groups(ctx))  # collective
-    if cfg.zero.stage == 3 and any(True for _ in model.moe_layers()):
-        set_z3_leaf_modules(model, [MoELayer])
+    has_experts = prepare_model(model, cfg, ctx)  # collective
     o = cfg.optim
-    optimizer = torch.optim.AdamW(optimizer_groups(model, o.weight_decay, has_experts), lr=o.lr,
-                                  betas=(o.beta1, o.beta2), eps=o.eps)
+    # ZeRO 3 splits each group by its parameters' partition groups itself: no 'moe' groups there.
+    groups = optimizer_groups(model, o.weight_decay, has_experts and cfg.zero.stage < 3)
+    optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     scheduler = build_scheduler(optimizer, o, cfg.train.max_steps)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                       config=deepspeed_config(cfg, micro_batch_size, ctx.dims.dp))  # collective
+    if cfg.zero.stage == 3 and has_experts:
+        check_zero3_expert_partitions(model, ctx)
     return engine
 
 
