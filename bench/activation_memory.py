@@ -3,8 +3,9 @@
 For each mode, in a fresh process (so that peaks do not mix): the activation bytes autograd keeps for backward at
 the end of one micro-batch's forward (distinct storages packed by a saved-tensors hook, weights excluded: exact),
 the process's peak resident
-memory over a training step above its state before the step (coarse: includes allocator slack and the
-recomputation's transient activations), and the median step time, after a warm-up step. Ratios to `none` are the
+memory over the timed training steps above its resident memory before them (after a warm-up step, so AdamW's state
+exists; the peak counter is reset through /proc/self/clear_refs, so Linux only; glibc made to return freed
+blocks; coarse: includes gradients, the optimizer step's temporaries and the recomputation's transients), and the median step time, after a warm-up step. Ratios to `none` are the
 figures to read; absolute times on this noisy machine mean little.
 
     python bench/activation_memory.py --out bench/results/activation_memory.md
@@ -14,8 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -26,6 +27,9 @@ from pathlib import Path
 import torch
 
 MODES = ("none", "selective", "full")
+# glibc keeps freed heap memory resident (so the peak of one step would hide in the next step's baseline); with
+# these, blocks of 64 KiB and more are mmap'ed and handed back on free, and RSS follows the live tensors.
+GLIBC_RETURNS_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 MODEL = ["model.d_model=256", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2", "moe.d_ff=512",
          "moe.num_experts=8", "moe.top_k=2", "moe.capacity_factor=-1"]  # the tiny preset's shape, dropless
 COMMON = ["train.progress=false", "train.eval_every=0", "train.max_steps=100", "data.embedded_size=400000"]
@@ -44,14 +48,21 @@ def measure(mode: str, batch: int, seq: int, steps: int) -> dict:
         trainer = Trainer(cfg, Path(tmp))
         trainer.train_step(collect_stats=False)  # warm-up: AdamW state exists, allocator warm
         saved = saved_bytes(trainer)
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: the peak (VmHWM) restarts from the current RSS
+        before = proc_status_bytes("VmRSS")
         times = []
         for _ in range(steps):
             start = time.perf_counter()
             trainer.train_step(collect_stats=False)
             times.append(time.perf_counter() - start)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+        peak = proc_status_bytes("VmHWM") - before
     return {"mode": mode, "saved_bytes": saved, "peak_rss_growth": peak, "step_s": statistics.median(times)}
+
+
+def proc_status_bytes(field: str) -> int:
+    """A memory figure of this process from /proc/self/status (kB there)."""
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
 
 
 def saved_bytes(trainer) -> int:
@@ -104,7 +115,8 @@ def main() -> None:
     rows = []
     for mode in MODES:
         out = subprocess.run([sys.executable, __file__, "--mode", mode, "--batch", str(args.batch), "--seq",
-                              str(args.seq), "--steps", str(args.steps)], capture_output=True, text=True, check=True)
+                              str(args.seq), "--steps", str(args.steps)], capture_output=True, text=True, check=True,
+                             env={**os.environ, **GLIBC_RETURNS_FREED_MEMORY})
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     text = report(rows, args)
     print(text)

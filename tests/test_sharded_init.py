@@ -8,14 +8,11 @@ the mesh (the groups are used by the dispatchers and hooks at run time, not here
 from __future__ import annotations
 
 import dataclasses
-import json
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 
+from helpers import load_bench_script
 from moe_train.config import Config, ModelConfig, MoEConfig
 from moe_train.config.parallel import ParallelConfig, ParallelDims
 from moe_train.models.init import param_seed
@@ -108,45 +105,10 @@ def test_a_width_that_does_not_divide_is_refused_with_the_sizes():
         build_rank(0, ParallelDims(3, 3, 1))
 
 
-PEAK_SCRIPT = textwrap.dedent("""
-    import json, resource, sys
-    import torch
-    from moe_train.config import Config, ModelConfig, MoEConfig
-    from moe_train.config.parallel import ParallelConfig, ParallelDims
-    from moe_train.models.transformer import build_model
-    from moe_train.parallel.context import ParallelContext
-    from moe_train.parallel.expert_parallel import CommCounter
-    from moe_train.parallel.parallelize import parallelize
-
-    mode = sys.argv[1]
-    model_cfg = ModelConfig(vocab_size=256, d_model=512, n_layers=4, n_heads=8, n_kv_heads=4, d_ff=1024)
-    moe_cfg = MoEConfig(num_experts=16, top_k=2, d_ff=1024)
-    dims = ParallelDims(4, 4, 1)
-    ctx, cfg = ParallelContext(1, dims, None), Config(parallel=ParallelConfig(dp=4, ep=4))
-    shard = lambda m: parallelize(m, ctx, cfg, CommCounter())
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    if mode == "sharded":  # the Trainer's way
-        model = build_model(model_cfg, moe_cfg, seed=0, shard=shard)
-    elif mode == "full_then_shard":  # the way before sharded construction
-        model = build_model(model_cfg, moe_cfg, seed=0)
-        shard(model)
-    else:
-        model = build_model(model_cfg, moe_cfg, seed=0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
-    held = sum(p.numel() * p.element_size() for p in model.parameters())
-    print(json.dumps({"peak": peak, "held": held}))
-""")
-
-
-def build_peak(mode: str) -> dict:
-    """Peak resident memory of building (in a fresh process, above its state after the imports) and the bytes of
-    parameters held afterwards: a ~420 MB float32 MoE (16 experts) at ep 4, rank 1."""
-    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, mode], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def test_building_a_rank_at_ep4_peaks_at_about_its_shard():
-    sharded, full = build_peak("sharded"), build_peak("full")
+    """bench/build_memory.py: a ~420 MB float32 MoE, rank 1 of ep 4, each build in a fresh process."""
+    bench = load_bench_script("build_memory")
+    sharded, full = bench.measure("sharded"), bench.measure("full")
     assert full["held"] > 400e6 and sharded["held"] < 0.3 * full["held"]
     # The shard plus allocator slack; the whole model never materialises.
     assert sharded["peak"] < 1.15 * sharded["held"] + 16e6, sharded
