@@ -1,7 +1,8 @@
 """Peak memory of building one rank's model: sharded construction (the Trainer's: meta device, cut to the rank's
 part, only that allocated and initialised) against building the whole model and then sharding it (before), and
 the whole model. A ~420 MB float32 MoE (d 512, 4 layers, 16 experts of width 1024), rank 1 of ep 4, on CPU; each
-build in a fresh process, its peak resident memory above the process's state after the imports.
+build in a fresh process, its peak resident memory above the process's state after the imports (Linux: the peak
+is read from /proc/self/status).
 
     python bench/build_memory.py
 """
@@ -10,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
+from pathlib import Path
+
+from activation_memory import proc_status_bytes  # bench/ is on sys.path: the scripts import each other by name
 
 BUILDS = ("sharded", "full_then_shard", "full")
 
@@ -32,14 +35,16 @@ def build(mode: str) -> dict:
     def shard(model) -> None:
         parallelize(model, ctx, Config(parallel=ParallelConfig(dp=4, ep=4)), CommCounter())
 
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # Not ru_maxrss: Linux carries it across exec, so a child of a big process (pytest) would inherit its peak.
+    Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) restarts from the current RSS
+    before = proc_status_bytes("VmRSS")
     if mode == "sharded":
         model = build_model(model_cfg, moe_cfg, seed=0, shard=shard)
     else:
         model = build_model(model_cfg, moe_cfg, seed=0)
         if mode == "full_then_shard":
             shard(model)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    peak = proc_status_bytes("VmHWM") - before
     return {"build": mode, "peak": peak, "held": sum(p.numel() * p.element_size() for p in model.parameters())}
 
 

@@ -112,4 +112,4 @@ def test_building_a_rank_at_ep4_peaks_at_about_its_shard():
     assert full["held"] > 400e6 and sharded["held"] < 0.3 * full["held"]
     # The shard plus allocator slack; the whole model never materialises.
     assert sharded["peak"] < 1.15 * sharded["held"] + 16e6, sharded
-    assert full["peak"] > 0.8 * full["held"], full  # the measure sees a whole model (ru_maxrss is coarse)
+    assert full["peak"] > 0.9 * full["held"], full  # the measure sees a whole model
