@@ -18,7 +18,8 @@ from test_checkpoint_distributed import train
 from test_distributed_train import make_trainer, overrides
 
 STEPS, HALF = 10, 5
-SCHEDULE = (f"optim.decay_steps={STEPS}",)
+# Evaluations before the saves: after a no-grad forward nothing reshards FSDP's root unit but the engine.
+SCHEDULE = (f"optim.decay_steps={STEPS}", f"train.eval_every={HALF}")
 
 
 def args_for(dp: int, ep: int, engine: str, *extra: str) -> list[str]:

@@ -102,7 +102,7 @@ def save_request(parts: CheckpointParts) -> manager.SaveRequest:
 def manifest_extra(parts: CheckpointParts) -> dict:
     dims, cfg = parts.ctx.dims, parts.config
     layout = {"world_size": dims.world_size, "dp": dims.dp, "ep": dims.ep, "tp": dims.tp,
-              "expert_tp": cfg.parallel.expert_tp, "zero_stage": cfg.zero.stage}
+              "expert_tp": cfg.parallel.expert_tp, "zero_stage": cfg.zero.stage, "fsdp": cfg.fsdp.enabled}
     return {"layout": layout, "config": json.loads(json.dumps(dataclasses.asdict(cfg))),
             "trainer": {**parts.train_state.state_dict(), "loader": parts.loader.state_dict()}}
 

@@ -23,11 +23,12 @@ reshard_after_forward, then a reduce-scatter of its gradients. The MoE all-to-al
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from moe_train.checkpoint.holders import TorchState
@@ -117,6 +118,18 @@ class FSDPEngine(LocalEngine):
     def clip(self) -> torch.Tensor:
         """Already reduced by FSDP: only the global norm over the shards (collectives) and the clipping."""
         return clip_grad_norm(self.model, self.cfg.optim.grad_clip, self.ctx.groups)  # collectives
+
+    @contextlib.contextmanager
+    def evaluation(self) -> Iterator[None]:
+        """Units that keep their gathered parameters after forward (the root; every block under
+        fsdp.reshard_after_forward=false) would keep them after a no-grad forward, with no backward to free them:
+        the checkpoint that follows an evaluation would then see whole tensors. Reshard them (torchtitan's validator
+        does the same)."""
+        with super().evaluation():
+            yield
+        for module in self.model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
 
     def state_holder(self) -> TorchState:
         return FSDPState(self.optimizer)

@@ -71,6 +71,7 @@ from moe_train.config.schema import Config
 from moe_train.models.moe.layer import MoELayer
 from moe_train.parallel.context import ParallelContext
 from moe_train.parallel.data_parallel import clip_grad_norm
+from moe_train.training.engine import eval_mode
 from moe_train.training.optim import build_scheduler, param_groups
 
 MARKER_NAME = "deepspeed_moe_marker"
@@ -275,6 +276,10 @@ class ZeroEngine:
             return grad_norm
         # On the engine's device: a CPU tensor here met the CUDA loss in the trainer's log stack (crash on CUDA).
         return torch.as_tensor(self.engine.get_global_grad_norm(), dtype=torch.float32, device=self.engine.device)
+
+    def evaluation(self):
+        """ZeRO 3 re-partitions a module's parameters after its forward, in eval as in training."""
+        return eval_mode(self.model)
 
     @contextlib.contextmanager
     def gathered_parameters(self) -> Iterator[None]:

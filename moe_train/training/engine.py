@@ -15,7 +15,7 @@ forward/backward per micro-batch, then clip and step). Engines that need DeepSpe
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager, Optional, Protocol
+from typing import ContextManager, Iterator, Optional, Protocol
 
 import torch
 from torch import nn
@@ -50,8 +50,21 @@ class Engine(Protocol):
         """Inside: every parameter whole on this rank (its ep/tp shard) and readable; collective where the engine
         partitions parameters (ZeRO 3)."""
 
+    def evaluation(self) -> ContextManager:
+        """Inside: the model in eval mode for no-grad forwards; on exit back in training mode and held as before
+        (FSDP2: resharded, since no backward follows to do it)."""
+
     def state_holder(self) -> TorchState:
         """Who holds weights and optimizer state, for checkpoints (checkpoint/holders.py)."""
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train()
 
 
 class LocalEngine:
@@ -82,6 +95,9 @@ class LocalEngine:
 
     def gathered_parameters(self) -> ContextManager:
         return contextlib.nullcontext()
+
+    def evaluation(self) -> ContextManager:
+        return eval_mode(self.model)
 
     def state_holder(self) -> TorchState:
         return TorchState(self.optimizer)

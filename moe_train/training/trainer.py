@@ -171,9 +171,8 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean LM loss over the fixed validation batches (eval capacity factor applies)."""
-        self.model.eval()
-        losses = [self.forward_loss(inputs, targets)[0] for inputs, targets in self.data.val]
-        self.model.train()
+        with self.engine.evaluation():
+            losses = [self.forward_loss(inputs, targets)[0] for inputs, targets in self.data.val]
         total = torch.stack([torch.stack(losses).sum(), torch.tensor(float(len(losses)), device=self.device)])
         self.all_reduce_sum(total)  # collective
         return (total[0] / total[1]).item()  # host sync
