@@ -60,9 +60,8 @@ def finish(trainer: Trainer, ctx: ParallelContext, last: dict) -> None:
         state = full_state_dict(trainer.model, ctx)  # collective
         if ctx.is_rank0:
             save_weights(trainer.model, trainer.run_dir / "weights.safetensors", state)  # for moe-train-convert to-hf
-    trainer.console.print0(f"done: step {trainer.step}, loss {last.get('loss', float('nan')):.4f}"
-                           + (f", val_loss {last['val_loss']:.4f}" if "val_loss" in last else "")
-                           + f"; outputs in {trainer.run_dir}")
+    losses = "".join(f", {key} {last[key]:.4f}" for key in ("loss", "val_loss") if key in last)  # none if resumed done
+    trainer.console.print0(f"done: step {trainer.step}{losses}; outputs in {trainer.run_dir}")
 
 
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")
@@ -81,6 +80,7 @@ def hydra_main(dcfg: DictConfig) -> Optional[float]:
               file=sys.stderr)
         shutdown(ctx, clean=False)
         sys.exit(1)
+    del trainer  # see release_groups
     shutdown(ctx)
     return last.get("val_loss", last.get("loss"))
 

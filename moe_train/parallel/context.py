@@ -6,6 +6,7 @@ torchrun and the deepspeed launcher both set RANK, WORLD_SIZE, LOCAL_RANK, MASTE
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -117,6 +118,16 @@ def shutdown(ctx: ParallelContext, clean: bool = True) -> None:
         if clean:
             dist.barrier()
         dist.destroy_process_group()
+    release_groups(ctx)
+
+
+def release_groups(ctx: ParallelContext) -> None:
+    """Drop this process's last references to its process groups while the interpreter is fully alive. Left to
+    interpreter exit, gloo's C++ objects were destroyed during finalization and a rank aborted ("terminate called
+    without an active exception", SIGABRT) in about 1 of 10 otherwise clean exits (measured: 4 of 40 two-rank runs;
+    pytorch PR 179291 describes the finalization race). The caller drops the model (its dispatchers hold groups)."""
+    ctx.groups = None
+    gc.collect()
 
 
 COLLECTIVE_FAILURE_MARKERS = ("gloo", "nccl", "connection closed", "connection reset", "timed out", "timeout")
