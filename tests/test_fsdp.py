@@ -15,7 +15,7 @@ from moe_train.cli_config import compose_config
 from moe_train.config import validate_config
 from multiproc import run_ranks
 from test_checkpoint_distributed import train
-from test_distributed_train import make_trainer, overrides
+from test_distributed_train import make_trainer, overrides, train_layout
 
 STEPS, HALF = 10, 5
 # Evaluations before the saves: after a no-grad forward nothing reshards FSDP's root unit but the engine.
@@ -148,3 +148,40 @@ def test_fsdp_with_zero_or_on_one_process_is_refused():
         validate_config(compose_config(["fsdp.enabled=true", "zero.stage=2"]), world_size=2)
     with pytest.raises(ValueError, match=r"fsdp.enabled=true needs a distributed launch \(world size 1\)"):
         validate_config(compose_config(["fsdp.enabled=true"]), world_size=1)
+
+
+def spec_of_experts(rank: int, world_size: int, args: list[str], run_dir: str) -> dict:
+    trainer = make_trainer(args, world_size, rank, pathlib.Path(run_dir))
+    spec = trainer.model.shard_specs["layers.1.moe.experts.w1"]
+    return {"spec": spec, "local": tuple(trainer.model.layers[1].moe.experts.w1.to_local().shape)}
+
+
+def test_fewer_local_experts_than_edp_ranks_are_cut_along_their_width(single_process_two_experts, tmp_path):
+    """dp 4 x ep 2 with 2 experts: one local expert per rank and 2 edp ranks, so each holds half of its expert's
+    width (dim 1) rather than one rank all of it; training still equals one process."""
+    args = overrides("capacity", 4, ("parallel.ep=2", "fsdp.enabled=true", "moe.num_experts=2"))
+    specs = run_ranks(4, spec_of_experts, args, str(tmp_path / "specs"))
+    for rank, res in enumerate(specs):  # rank = edp_index * ep + ep_index
+        edp_index, ep_index = divmod(rank, 2)
+        assert res["spec"].offsets == (ep_index, 16 * edp_index, 0) and res["local"] == (1, 16, 32)
+        assert res["spec"].over == ("ep", "edp")
+    results = run_ranks(4, train_layout, args, str(tmp_path / "run"))
+    ref = single_process_two_experts
+    assert results[0]["losses"] == pytest.approx(ref["losses"], abs=1e-5)
+    for res in results:
+        for name, g in ref["grads"].items():
+            assert torch.allclose(res["grads"][name], g, atol=1e-6, rtol=1e-5), name
+
+
+@pytest.fixture(scope="module")
+def single_process_two_experts(tmp_path_factory):
+    return train_layout(0, 1, overrides("capacity", 1, ("moe.num_experts=2",)), str(tmp_path_factory.mktemp("e2")))
+
+
+def test_a_checkpoint_of_experts_cut_along_their_width_resumes_at_world_1(tmp_path):
+    base = ("parallel.ep=2", "moe.num_experts=2", "train.max_steps=4", "optim.decay_steps=4")
+    args = overrides("capacity", 4, (*base, "fsdp.enabled=true", "checkpoint.every=2"))
+    straight = run_ranks(4, train, args, str(tmp_path / "fsdp"))[0]
+    resume = f"checkpoint.resume={tmp_path / 'fsdp' / 'checkpoints' / 'step_00000002'}"
+    alone = train(0, 1, overrides("capacity", 1, (*base[1:], resume)), str(tmp_path / "one"))
+    assert alone == pytest.approx(straight[2:], abs=1e-5)

@@ -42,14 +42,15 @@ class ShardSpec:
         tp_dim = dim if mesh_dim == "tp" else self.tp_dim
         return replace(self, offsets=offsets, shape=shape, tp_dim=tp_dim, over=self.over + (mesh_dim,))
 
-    def chunk(self, index: int, parts: int, mesh_dim: str) -> "ShardSpec":
-        """Piece `index` of the local region cut along dim 0 as torch.chunk (and FSDP2) cut it: rows
+    def chunk(self, index: int, parts: int, mesh_dim: str, dim: int = 0) -> "ShardSpec":
+        """Piece `index` of the local region cut along `dim` as torch.chunk (and FSDP2) cut it: rows
         [index * c, min(n, (index + 1) * c)), c = ceil(n / parts); trailing pieces may be short or empty."""
-        rows = self.shape[0]
+        rows = self.shape[dim]
         size = -(-rows // parts)
         first, last = min(rows, index * size), min(rows, (index + 1) * size)
-        return replace(self, offsets=(self.offsets[0] + first, *self.offsets[1:]), shape=(last - first, *self.shape[1:]),
-                       over=self.over + (mesh_dim,))
+        offsets = self.offsets[:dim] + (self.offsets[dim] + first,) + self.offsets[dim + 1:]
+        shape = self.shape[:dim] + (last - first,) + self.shape[dim + 1:]
+        return replace(self, offsets=offsets, shape=shape, over=self.over + (mesh_dim,))
 
     @property
     def is_whole(self) -> bool:

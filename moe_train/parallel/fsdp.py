@@ -4,7 +4,8 @@ then allocates and initialises only its FSDP rows (sharded construction, models/
 
 Units, innermost first (torchtitan's `apply_fsdp` with its "efsdp" mesh for experts):
   * each MoE layer's routed experts, over the expert-data-parallel mesh (the dp / ep replicas of this ep rank's
-    experts): an expert stack [E/ep, F, D] is cut along its expert dim into edp pieces;
+    experts): an expert stack [E/ep, F, D] is cut along its expert dim into edp pieces, or along dim 1 when there
+    are fewer local experts than edp ranks;
   * each MoE layer's router, over dp, gathered in float32 even under bf16 (routing decisions are sensitive to
     rounding; the router weight stays float32 as without FSDP);
   * each transformer block (the rest of it), over dp;
@@ -29,7 +30,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
 
 from moe_train.checkpoint.holders import TorchState
 from moe_train.parallel.context import ParallelContext
@@ -45,21 +46,30 @@ def mixed_precision(bf16: bool, param_dtype: Optional[torch.dtype] = None) -> Mi
     return MixedPrecisionPolicy(param_dtype=param_dtype or torch.bfloat16, reduce_dtype=torch.float32)
 
 
-def record_rows(model: nn.Module, unit: nn.Module, prefix: str, mesh_dim: str, rank: int, size: int) -> None:
+def record_rows(model: nn.Module, unit: nn.Module, prefix: str, mesh_dim: str, rank: int, size: int,
+                dim: int) -> None:
     """Narrow the specs of the parameters `fully_shard(unit)` just cut (those not already in an inner unit)."""
     for name, _ in unit.named_parameters():
         full = f"{prefix}.{name}" if prefix else name
-        if not any(dim in ("dp", "edp") for dim in model.shard_specs[full].over):
-            model.shard_specs[full] = model.shard_specs[full].chunk(rank, size, mesh_dim)
+        if not any(d in ("dp", "edp") for d in model.shard_specs[full].over):
+            model.shard_specs[full] = model.shard_specs[full].chunk(rank, size, mesh_dim, dim)
 
 
-def shard_unit(model: nn.Module, prefix: str, mesh_dim: str, groups: ParallelGroups, **kwargs) -> nn.Module:
-    """fully_shard the submodule at `prefix` ("" = the root) over the dp or edp mesh; record its rows."""
+def shard_unit(model: nn.Module, prefix: str, mesh_dim: str, groups: ParallelGroups, dim: int = 0,
+               **kwargs) -> nn.Module:
+    """fully_shard the submodule at `prefix` ("" = the root) over the dp or edp mesh, cutting `dim`; record it."""
     mesh = groups.dp_mesh if mesh_dim == "dp" else groups.edp_mesh
     unit = model.get_submodule(prefix) if prefix else model
-    fully_shard(unit, mesh=mesh, **kwargs)
-    record_rows(model, unit, prefix, mesh_dim, mesh.get_local_rank(), mesh.size())
+    fully_shard(unit, mesh=mesh, shard_placement_fn=(lambda p: Shard(dim)) if dim else None, **kwargs)
+    record_rows(model, unit, prefix, mesh_dim, mesh.get_local_rank(), mesh.size(), dim)
     return unit
+
+
+def expert_shard_dim(local_experts: int, edp: int) -> int:
+    """Cut expert stacks along the expert dim (0), unless there are fewer local experts than edp ranks: then most
+    ranks would hold none (1 expert over 8 ranks: one rank holds it whole), so along dim 1 (F of w1/w3, D of w2),
+    as torchtitan does."""
+    return 0 if local_experts >= edp else 1
 
 
 def apply_fsdp(model: nn.Module, ctx: ParallelContext, bf16: bool, reshard_after_forward: bool,
@@ -70,8 +80,9 @@ def apply_fsdp(model: nn.Module, ctx: ParallelContext, bf16: bool, reshard_after
     common = {"reshard_after_forward": reshard_after_forward}
     for i, block in enumerate(model.layers):
         if block.moe is not None:
-            experts = shard_unit(model, f"layers.{i}.moe.experts", "edp", groups, mp_policy=mixed_precision(bf16),
-                                 **common)
+            dim = expert_shard_dim(block.moe.experts.num_experts, ctx.dims.edp)
+            experts = shard_unit(model, f"layers.{i}.moe.experts", "edp", groups, dim,
+                                 mp_policy=mixed_precision(bf16), **common)
             experts.set_gradient_divide_factor(float(ctx.dims.dp))
             # One edp rank: FSDP copies the gradient divided by the factor, and with force-sum would divide by it
             # again (torch 2.13); with no reduce-scatter there is no reduce op to choose either.
