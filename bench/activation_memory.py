@@ -5,8 +5,8 @@ the end of one micro-batch's forward (distinct storages packed by a saved-tensor
 the process's peak resident
 memory over the timed training steps above its resident memory before them (after a warm-up step, so AdamW's state
 exists; the peak counter is reset through /proc/self/clear_refs, so Linux only; glibc made to return freed
-blocks; coarse: includes gradients, the optimizer step's temporaries and the recomputation's transients), and the median step time, after a warm-up step. Ratios to `none` are the
-figures to read; absolute times on this noisy machine mean little.
+blocks; coarse: includes gradients, the optimizer step's temporaries and the recomputation's transients), and the
+median step time. Ratios to `none` are the figures to read; absolute times on this noisy machine mean little.
 
     python bench/activation_memory.py --out bench/results/activation_memory.md
 """

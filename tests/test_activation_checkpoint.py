@@ -44,7 +44,8 @@ def test_checkpointing_keeps_less_for_backward(tmp_path):
     assert full < 0.5 * none, (none, full)
 
 
-@pytest.mark.parametrize("layout", [("parallel.ep=2",), ("parallel.ep=2", "fsdp.enabled=true")], ids=["ep2", "fsdp_ep2"])
+@pytest.mark.parametrize("layout", [("parallel.ep=2",), ("parallel.ep=2", "fsdp.enabled=true")],
+                         ids=["ep2", "fsdp_ep2"])
 def test_ep2_full_recompute_runs_the_all_to_all_again_and_equals_one_process(tmp_path, layout):
     """Deterministic routing: with random draws, ranks draw from their own streams and no layout equals one process.
     Under FSDP2 the recomputation runs inside the block's unit, with its parameters gathered for backward."""

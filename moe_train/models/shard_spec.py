@@ -2,11 +2,13 @@
 
 Every model parameter has a `ShardSpec`, kept by name in `model.shard_specs` (names survive torch.compile in place,
 ZeRO and FSDP wrapping; attributes on a Parameter object do not survive its replacement). The model starts with
-whole specs; `apply_tp` and `apply_ep` (moe_train/parallel) narrow them as they split parameters. Everything that
-needs to know how a parameter is partitioned reads it here: sharded initialisation (models/init.py), checkpoint
-placement, gradient reduction and grad-norm grouping (parallel/data_parallel.py), full_state_dict.
+whole specs; `apply_tp`, `apply_ep` and `apply_fsdp` (moe_train/parallel) narrow them as they split parameters.
+Everything that needs to know how a parameter is partitioned reads it here: sharded initialisation
+(models/init.py), checkpoint placement, gradient reduction and grad-norm grouping (parallel/data_parallel.py),
+full_state_dict.
 
-Pure data: no process groups. `over` names the mesh dimensions ("tp", "ep") that hold the other pieces.
+Pure data: no process groups. `over` names the mesh dimensions ("tp", "ep", FSDP2's "dp" or "edp") that hold the
+other pieces.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ class ShardSpec:
     expert: bool = False  # routed experts' stack: dim 0 is the global expert id; reduced over edp, not dp
     tp_dim: int | None = None  # the dim split over tp, if any
     over: tuple[str, ...] = ()  # mesh dims the pieces are spread over, in the order they were split ("tp", "ep";
-    # FSDP2 adds "dp" or "edp", cutting dim 0 last)
+    # FSDP2 adds "dp" or "edp" last, cutting dim 0, or dim 1 of expert stacks)
 
     @staticmethod
     def whole(shape, expert: bool = False) -> "ShardSpec":
@@ -36,11 +38,8 @@ class ShardSpec:
         if self.shape[dim] % parts:
             raise ValueError(f"cannot split dim {dim} of size {self.shape[dim]} into {parts} equal parts over "
                              f"{mesh_dim}")
-        size = self.shape[dim] // parts
-        shape = self.shape[:dim] + (size,) + self.shape[dim + 1:]
-        offsets = self.offsets[:dim] + (self.offsets[dim] + index * size,) + self.offsets[dim + 1:]
-        tp_dim = dim if mesh_dim == "tp" else self.tp_dim
-        return replace(self, offsets=offsets, shape=shape, tp_dim=tp_dim, over=self.over + (mesh_dim,))
+        piece = self.chunk(index, parts, mesh_dim, dim)
+        return replace(piece, tp_dim=dim) if mesh_dim == "tp" else piece
 
     def chunk(self, index: int, parts: int, mesh_dim: str, dim: int = 0) -> "ShardSpec":
         """Piece `index` of the local region cut along `dim` as torch.chunk (and FSDP2) cut it: rows

@@ -10,8 +10,9 @@ Units, innermost first (torchtitan's `apply_fsdp` with its "efsdp" mesh for expe
     rounding; the router weight stays float32 as without FSDP);
   * each transformer block (the rest of it), over dp;
   * the root (embeddings, final norm, LM head), over dp.
-Parameters are DTensors sharded on dim 0 (torch.chunk rows: trailing ranks may hold fewer or none); each cut is
-recorded in model.shard_specs ("dp" or "edp"), so checkpoints, the grad norm and initialisation read one description.
+Parameters are DTensors cut with torch.chunk's rows on dim 0 (dim 1 for such expert stacks; trailing ranks may hold
+fewer rows or none); each cut is recorded in model.shard_specs ("dp" or "edp"), so checkpoints, the grad norm and
+initialisation read one description.
 
 Gradients: dense ones are averaged over dp (FSDP's default). An expert's gradient on its owner already sums every
 ep rank's tokens, so it must be summed over edp and divided by dp (as parallel/data_parallel.py does), not averaged

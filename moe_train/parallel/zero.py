@@ -28,10 +28,10 @@ What DeepSpeed then does (0.19.8, read in engine.py and runtime/zero/stage_1_and
     `get_grad_norm_direct`). Untagged experts would be partitioned over dp and train wrong without an error, so
     after initialize every expert's partition group is checked against the mesh's edp group. At ep = 1 the experts
     are ordinary dense parameters (edp = dp) and no marker is installed. Each MoE layer is made a ZeRO-3 leaf module
-    (`set_z3_leaf_modules`): all its parameters are gathered when it is entered. Needed because ZeRO-3 re-gathers a module's parameters for backward through
-    hooks on the tensors the module returns, and the router returns a dataclass whose tensors those hooks do not
-    see (its weight would be a 0-element partition when its gradient arrives); it is also DeepSpeed's advice for
-    MoE, whose order of module calls varies from batch to batch.
+    (`set_z3_leaf_modules`): all its parameters are gathered when it is entered. Needed because ZeRO-3 re-gathers a
+    module's parameters for backward through hooks on the tensors the module returns, and the router returns a
+    dataclass whose tensors those hooks do not see (its weight would be a 0-element partition when its gradient
+    arrives); it is also DeepSpeed's advice for MoE, whose order of module calls varies from batch to batch.
   * Stage 0 clips with a norm averaged over ranks, which is not the global norm once experts are sharded (each rank
     sees other experts): there we clip ourselves (`clip_grad_norm`) after DeepSpeed's reduction and give DeepSpeed
     gradient_clipping=0. Stages 1-3 clip in the ZeRO optimizer with the true norm.
