@@ -73,7 +73,7 @@ from moe_train.config.optim import OptimConfig  # noqa: E402
 from moe_train.config.schema import Config, validate_config  # noqa: E402
 from moe_train.config.train import TrainConfig  # noqa: E402
 from moe_train.data import build_data  # noqa: E402
-from moe_train.models.params import count_parameters  # noqa: E402
+from moe_train.models.params import flop_params  # noqa: E402
 from moe_train.training.optim import build_scheduler, param_groups  # noqa: E402
 from moe_train.training.trainer import Trainer, lm_loss  # noqa: E402
 
@@ -139,9 +139,7 @@ class TrainerStepper:
         return self.trainer.train_step(collect_stats=False)[0]
 
     def flop_params(self) -> int:
-        """Active parameters per token minus the input embedding table (a tied table counts once, as the head)."""
-        table = self.model.tok_embeddings.weight.numel() if self.model.output is not None else 0
-        return count_parameters(self.model).active - table
+        return flop_params(self.model)
 
     def close(self) -> None:
         self.trainer.metrics.close()

@@ -35,3 +35,18 @@ def count_parameters(model: nn.Module) -> ParamCounts:
         inactive += n * (moe.cfg.num_experts - moe.cfg.top_k) // moe.cfg.num_experts
     embedding = sum(p.numel() for name, p in model.named_parameters() if name.startswith(("tok_embeddings", "output")))
     return ParamCounts(total, total - inactive, routed, embedding)
+
+
+def flop_params(model: nn.Module) -> int:
+    """Active parameters per token minus the input embedding table (a lookup, no matmul; a tied table counts once,
+    as the LM head)."""
+    table = model.tok_embeddings.weight.numel() if model.output is not None else 0
+    return count_parameters(model).active - table
+
+
+def flops_per_token(model: nn.Module, seq_len: int) -> int:
+    """Training FLOPs per token, forward and backward (PaLM, appendix B): 6 N + 12 L d_model seq_len, N =
+    flop_params; the second term is attention's score and value matmuls, without a causal discount. Activation
+    checkpointing's recomputation is not counted (model FLOPs, as MFU counts them)."""
+    cfg = model.cfg
+    return 6 * flop_params(model) + 12 * cfg.n_layers * cfg.d_model * seq_len

@@ -19,6 +19,7 @@ import torch.distributed._functional_collectives as funcol
 from torch import nn
 
 from moe_train.models.moe.dispatch import ExpertBatch, LocalDispatcher
+from moe_train.models.moe.experts import has_values
 from moe_train.models.moe.layer import MoELayer
 from moe_train.models.moe.routing import DispatchPlan
 from moe_train.parallel.sharding import shard_param
@@ -78,6 +79,17 @@ def expert_major_order(counts_PL: list[list[int]]) -> torch.Tensor:
     return torch.cat(blocks) if blocks else torch.zeros(0, dtype=torch.long)
 
 
+def even_parts(total: int, parts: int) -> list[int]:
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+def balanced_splits(rows: int, ep: int, local_experts: int) -> tuple[list[int], list[list[int]]]:
+    """Split sizes of a perfectly balanced exchange: this rank's rows dealt evenly over the ep ranks, and as many
+    received from each, dealt evenly over the local experts ([P, L] counts)."""
+    send = even_parts(rows, ep)
+    return send, [even_parts(n, local_experts) for n in send]
+
+
 class AllToAllDispatcher(LocalDispatcher):
     """Capacity: equal-split all-to-all of the [E, C, D] buffer, local experts run on [L, P*C, D].
     Dropless: per-expert counts exchanged first (a host sync), then a variable-split all-to-all."""
@@ -93,8 +105,11 @@ class AllToAllDispatcher(LocalDispatcher):
         counts_PL = exchange_counts(plan.counts_E, self.group, self.ep)  # collective
         if plan.capacity is not None:
             return all_to_all(x.view(-1, x.shape[-1]), self.group, counter=self.counter), counts_PL, None
-        send = plan.counts_E.view(self.ep, -1).sum(1).tolist()  # host sync: split sizes
-        counts = counts_PL.tolist()  # host sync
+        if has_values(plan.counts_E):
+            send = plan.counts_E.view(self.ep, -1).sum(1).tolist()  # host sync: split sizes
+            counts = counts_PL.tolist()  # host sync
+        else:  # meta/fake tensors (planner, dry run): nothing to read, routing assumed balanced
+            send, counts = balanced_splits(x.shape[0], self.ep, plan.num_experts // self.ep)
         recv = [sum(row) for row in counts]
         received = all_to_all(x, self.group, send, recv, self.counter)  # collective
         return received, counts_PL, (send, recv, expert_major_order(counts).to(x.device))

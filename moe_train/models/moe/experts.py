@@ -14,7 +14,9 @@ from __future__ import annotations
 import itertools
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 
 from moe_train.models.moe.activations import expert_mlp, mlp
 from moe_train.models.moe.expert_loop import expert_loop
@@ -29,6 +31,12 @@ def grouped_mm_supported(x: torch.Tensor, w_EFD: torch.Tensor) -> bool:
     if x.dtype != torch.bfloat16 and (x.dtype != torch.float32 or torch.compiler.is_compiling()):
         return False
     return all((n * x.element_size()) % 16 == 0 for n in w_EFD.shape[1:])
+
+
+def has_values(t: torch.Tensor) -> bool:
+    """False for meta and fake tensors (shapes without data: the memory planner and the dry run), whose group
+    sizes cannot be read: the experts then take a static-shape path and the dispatcher assumes balanced routing."""
+    return not (t.is_meta or is_fake(t))
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -72,6 +80,8 @@ class GroupedExperts(nn.Module):
         filled from its start."""
         x = to_compute_dtype(x)
         weights = tuple(None if w is None else w.to(x.dtype) for w in (self.w1, self.w2, self.w3))
+        if not has_values(x):
+            return self.forward_shapes_only(x, counts_E, weights)
         if not self.use_loop(x):
             return self.forward_batched(x, weights) if x.dim() == 3 else self.forward_grouped_mm(x, counts_E, weights)
         return self.forward_loop(x, counts_E, weights)
@@ -99,6 +109,19 @@ class GroupedExperts(nn.Module):
             return torch._grouped_mm(x, w.transpose(1, 2), offs=offs_E)
 
         return mlp(grouped, x_RD, *weights, self.activation)
+
+    def forward_shapes_only(self, x: torch.Tensor, counts_E: torch.Tensor, weights: Weights) -> torch.Tensor:
+        """Meta/fake tensors: the kernels a GPU runs where they take any dtype (batched, grouped GEMM in bf16), else
+        the rows dealt evenly over the experts (balanced routing) through a batched GEMM: the same tensor sizes."""
+        if x.dim() == 3:
+            return self.forward_batched(x, weights)
+        if x.dtype == torch.bfloat16 and grouped_mm_supported(x, self.w1):
+            return self.forward_grouped_mm(x, counts_E, weights)
+        rows, experts = x.shape[0], self.num_experts
+        per_expert = -(-rows // experts)
+        x_ECD = F.pad(x, (0, 0, 0, per_expert * experts - rows)).view(experts, per_expert, -1)
+        # A fresh tensor, as a kernel returns (a view would trip FSDP2's hooks); the padded one is freed.
+        return self.forward_batched(x_ECD, weights).reshape(-1, x.shape[-1])[:rows].clone()
 
     # Eager under torch.compile: the group sizes are read on the host and would specialise (recompile) the graph.
     @torch.compiler.disable
