@@ -8,13 +8,12 @@ Each cell is `moe-train-plan` (plan_layout) for that layout: predicted peak per 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
 from pathlib import Path
 
-import torch
-
-from moe_train.cli_config import compose_config
-from moe_train.config.schema import validate_config
-from moe_train.planner.plan import GIB, plan_layout
+GIB = 2 ** 30
 
 WORLDS = (8, 16, 64)
 ENGINES = {"ZeRO 1": ["zero.stage=1"], "ZeRO 2": ["zero.stage=2"], "ZeRO 3": ["zero.stage=3"],
@@ -24,12 +23,17 @@ BASE = ["model=mixtral_8x7b", "parallel.ep=8", "train.seq_len=4096", "train.mixe
 
 
 def cell(world: int, engine: list[str], ac: str, gpu_mem: float) -> str:
-    cfg = compose_config([*BASE, *engine, f"train.batch_size={world}", f"train.activation_checkpointing={ac}"])
-    plan = plan_layout(cfg, validate_config(cfg, world), gpu_mem)
-    r = plan.per_rank
-    verdict = "fits" if plan.fits else "**no**"
-    return (f"{r.total_bytes / GIB:.0f} GiB {verdict} (P {r.param_bytes / GIB:.0f}, G {r.grad_bytes / GIB:.0f}, "
-            f"O {r.optimizer_bytes / GIB:.0f}, A {r.activation_bytes / GIB:.0f})")
+    """One `moe-train-plan --json` per cell, each in its own process (as a user runs it)."""
+    args = [*BASE, *engine, f"train.batch_size={world}", f"train.activation_checkpointing={ac}"]
+    out = subprocess.run([sys.executable, "-m", "moe_train.planner.cli", *args, "--world", str(world), "--gpu-mem",
+                          f"{gpu_mem:g}", "--json"], capture_output=True, text=True)
+    if out.returncode:
+        return f"error: {out.stderr.strip().splitlines()[-1]}"
+    plan = json.loads(out.stdout)
+    r = plan["per_rank"]
+    verdict = "fits" if plan["fits"] else "**no**"
+    return (f"{r['total_bytes'] / GIB:.0f} GiB {verdict} (P {r['param_bytes'] / GIB:.0f}, G "
+            f"{r['grad_bytes'] / GIB:.0f}, O {r['optimizer_bytes'] / GIB:.0f}, A {r['activation_bytes'] / GIB:.0f})")
 
 
 def table(gpu_mem: float) -> str:
@@ -49,7 +53,6 @@ def main() -> None:
     parser.add_argument("--gpu-mem", type=float, default=80.0)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    torch.set_num_threads(1)
     text = table(args.gpu_mem)
     print(text)
     if args.out:

@@ -18,7 +18,7 @@ from moe_train.config.schema import validate_config
 from moe_train.models.moe.experts import GroupedExperts, has_values
 from moe_train.parallel.expert_parallel import balanced_splits, capacity_a2a_bytes
 from moe_train.planner.cli import main as plan_main
-from moe_train.planner.dry_run import dry_run, role_ranks
+from moe_train.planner.dry_run import role_ranks
 from moe_train.planner.plan import plan_layout
 from moe_train.planner.states import Engine, RankParams, state_bytes
 
@@ -74,27 +74,30 @@ def test_experts_on_fake_tensors_return_the_input_shape_without_reading_group_si
         assert experts(torch.randn(4, 5, 16, dtype=dtype), counts_E).shape == (4, 5, 16)
 
 
-def plan_json(capsys, *argv: str) -> dict:
-    plan_main([*argv, "--json"])
-    return json.loads(capsys.readouterr().out)
+def plan_json(*argv: str) -> dict:
+    """`moe-train-plan ... --json` in its own process: it joins a fake process group, and this test process may
+    hold the session's real one (conftest.single_process_group)."""
+    out = subprocess.run([sys.executable, "-m", "moe_train.planner.cli", *argv, "--json"], capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout)
 
 
-def test_cli_json_has_the_documented_keys_and_fits_follows_gpu_mem(capsys):
-    out = plan_json(capsys, *TINY, "parallel.ep=2", "--world", "2", "--device", "cpu")
+def test_cli_json_has_the_documented_keys_and_fits_follows_gpu_mem():
+    out = plan_json(*TINY, "parallel.ep=2", "--world", "2", "--device", "cpu")
     assert {"params_total", "params_active", "per_rank", "a2a_bytes_per_step", "flops_per_token", "fits"} <= set(out)
     r = out["per_rank"]
     assert set(r) == {"params", "param_bytes", "grad_bytes", "optimizer_bytes", "activation_bytes", "total_bytes"}
     assert r["param_bytes"] + r["optimizer_bytes"] < r["total_bytes"] <= sum(v for k, v in r.items() if k != "params")
     assert out["fits"] and out["params_active"] < out["params_total"]
-    small = plan_json(capsys, *TINY, "parallel.ep=2", "--world", "2", "--gpu-mem", "0.01", "--reserve", "0")
+    small = plan_json(*TINY, "parallel.ep=2", "--world", "2", "--gpu-mem", "0.01", "--reserve", "0")
     assert not small["fits"]
 
 
 def test_capacity_all_to_all_bytes_equal_the_formula():
-    cfg = compose_config([*TINY, "parallel.ep=2", "moe.capacity_factor=1.0", "train.grad_accum_steps=2"])
-    plan = plan_layout(cfg, validate_config(cfg, 2), 80.0, device=torch.device("cpu"))
+    plan = plan_json(*TINY, "parallel.ep=2", "moe.capacity_factor=1.0", "train.grad_accum_steps=2", "--world", "2")
     # micro-batch 2 x 64 tokens, k=2, E=8, cf 1.0 -> C = 32; 4 MoE layers, 2 micro-batches, D=256, fp32
-    assert plan.a2a_bytes_per_step == capacity_a2a_bytes(4, 2, 8, 32, 256, 2, 4)
+    assert plan["a2a_bytes_per_step"] == capacity_a2a_bytes(4, 2, 8, 32, 256, 2, 4)
 
 
 def test_flops_per_token_is_six_active_non_embedding_params_plus_attention():
@@ -118,28 +121,27 @@ def test_bad_layout_is_rejected_with_the_launch_message(capsys):
 
 
 def test_dry_run_rehearses_each_tp_ep_role_and_every_element_has_one_checkpoint_writer():
-    cfg = compose_config([*TINY, "parallel.ep=2", "parallel.tp=2", "moe.capacity_factor=-1",
-                          "moe.eval_capacity_factor=-1"])
-    dims = validate_config(cfg, 8)
-    report = dry_run(cfg, dims, torch.device("cpu"))
-    assert [r.rank for r in report.roles] == [0, 1, 2, 3]
-    assert [r.experts for r in report.roles] == ["0-3", "0-3", "4-7", "4-7"]
-    assert all(r.a2a_bytes > 0 and r.optimizer_groups == 2 for r in report.roles)
-    total = plan_layout(cfg, dims, 80.0, device=torch.device("cpu")).params_total
-    assert sum(r.written_params for r in report.roles) == total
+    out = plan_json(*TINY, "parallel.ep=2", "parallel.tp=2", "moe.capacity_factor=-1", "moe.eval_capacity_factor=-1",
+                    "--world", "8", "--dry-run")
+    roles = out["dry_run"]["roles"]
+    assert [r["rank"] for r in roles] == [0, 1, 2, 3]
+    assert [r["experts"] for r in roles] == ["0-3", "0-3", "4-7", "4-7"]
+    assert all(r["a2a_bytes"] > 0 and r["optimizer_groups"] == 2 for r in roles)
+    assert sum(r["written_params"] for r in roles) == out["params_total"]
 
 
 def test_dry_run_under_fsdp_also_rehearses_the_last_replica():
     dims = validate_config(compose_config([*TINY, "parallel.ep=2"]), 8)  # dp 8, edp 4
     assert role_ranks(dims, fsdp=True) == [0, 1, 6, 7] and role_ranks(dims, fsdp=False) == [0, 1]
-    cfg = compose_config([*TINY, "parallel.ep=2", "fsdp.enabled=true", "train.activation_checkpointing=full"])
-    report = dry_run(cfg, validate_config(cfg, 8), torch.device("cpu"))
-    assert [r.rank for r in report.roles] == [0, 1, 6, 7] and all(r.a2a_bytes > 0 for r in report.roles)
+    out = plan_json(*TINY, "parallel.ep=2", "fsdp.enabled=true", "train.activation_checkpointing=full", "--world", "8",
+                    "--dry-run")
+    roles = out["dry_run"]["roles"]
+    assert [r["rank"] for r in roles] == [0, 1, 6, 7] and all(r["a2a_bytes"] > 0 for r in roles)
 
 
 @pytest.mark.slow
-def test_mixtral_64_ranks_ep8_tp2_dry_run(capsys):
-    out = plan_json(capsys, "model=mixtral_8x7b", "parallel.ep=8", "parallel.tp=2", "train.seq_len=4096",
+def test_mixtral_64_ranks_ep8_tp2_dry_run():
+    out = plan_json("model=mixtral_8x7b", "parallel.ep=8", "parallel.tp=2", "train.seq_len=4096",
                     "train.batch_size=64", "train.mixed_precision=bf16", "--world", "64", "--dry-run")
     roles = out["dry_run"]["roles"]
     assert len(roles) == 16 and sorted({r["experts"] for r in roles}) == [f"{e}-{e}" for e in range(8)]

@@ -52,6 +52,9 @@ def fake_world(rank: int, world: int, dims: ParallelDims) -> Iterator[ParallelCo
     if world == 1:
         yield ParallelContext.single()
         return
+    if dist.is_initialized():
+        raise RuntimeError("planning a multi-rank layout joins a fake process group: run it in a process without "
+                           "one (moe-train-plan does)")
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
     try:
         yield ParallelContext(rank, dims, build_mesh(dims, "cpu"))

@@ -35,8 +35,9 @@ def grouped_mm_supported(x: torch.Tensor, w_EFD: torch.Tensor) -> bool:
 
 def has_values(t: torch.Tensor) -> bool:
     """False for meta and fake tensors (shapes without data: the memory planner and the dry run), whose group
-    sizes cannot be read: the experts then take a static-shape path and the dispatcher assumes balanced routing."""
-    return not (t.is_meta or is_fake(t))
+    sizes cannot be read: the experts then take a static-shape path and the dispatcher assumes balanced routing.
+    Under torch.compile the traced tensors are fake too, but the compiled code runs on real ones: True there."""
+    return torch.compiler.is_compiling() or not (t.is_meta or is_fake(t))
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
