@@ -94,10 +94,10 @@ def profile_step(cfg: Config, ctx: ParallelContext, micro_batch: int, weights_bf
                               fsdp=dataclasses.replace(cfg.fsdp, enabled=False))
     model = build_meta_model(cfg, ctx, counter)
     params = count_rank_params(model)
+    if weights_bf16:
+        cast_weights_bf16(model)  # on meta: under FakeTensorMode, .to() would swap tensors and fail
     with FakeTensorMode(allow_non_fake_inputs=True):
         model.to_empty(device="cpu")
-        if weights_bf16:
-            cast_weights_bf16(model)
         peak = tracked_peak(model, cfg, micro_batch)
     grads = 4 * params.total
     return StepProfile(params, peak["Activation"] + peak["Temp"], min(1.0, peak["Gradient"] / max(1, grads)),
