@@ -1,6 +1,6 @@
 """docs/PARALLELISM.md's planner table: Mixtral-8x7B on 8, 16 and 64 GPUs of 80 GB, ep 8, seq 4096, bf16, one
 sequence per GPU per micro-batch, under ZeRO 1/2/3 and FSDP2, with and without full activation checkpointing.
-Each cell is `moe-train-plan` (plan_layout) for that layout: predicted peak per rank, and whether it fits.
+Each cell is one `moe-train-plan --json` process for that layout: predicted peak per rank, and whether it fits.
 
     python bench/plan_table.py --out bench/results/plan_table.md
 """

@@ -20,24 +20,24 @@ from moe_train.parallel.expert_parallel import balanced_splits, capacity_a2a_byt
 from moe_train.planner.cli import main as plan_main
 from moe_train.planner.dry_run import role_ranks
 from moe_train.planner.plan import plan_layout
-from moe_train.planner.states import Engine, RankParams, state_bytes
+from moe_train.planner.states import RankParams, StateLayout, state_bytes
 
 TINY = ["train.batch_size=8", "train.seq_len=64"]
 PARAMS = RankParams(dense=1000, expert=4000, largest_block=1500, largest_leaf=1200, root=300)
 
 
 def test_local_engine_holds_16_bytes_per_parameter_and_foreach_adamw_one_more_copy_at_the_step():
-    s = state_bytes(PARAMS, Engine(fused_optimizer=False), dp=4, edp=2)
+    s = state_bytes(PARAMS, StateLayout(fused_optimizer=False), dp=4, edp=2)
     assert (s.params, s.param_bytes, s.grad_bytes, s.optimizer_bytes) == (5000, 20000, 20000, 40000)
     assert s.step_temp_bytes == 20000
-    assert state_bytes(PARAMS, Engine(), dp=4, edp=2).step_temp_bytes == 0  # fused on CUDA
+    assert state_bytes(PARAMS, StateLayout(), dp=4, edp=2).step_temp_bytes == 0  # fused on CUDA
 
 
 def test_zero_stages_partition_dense_over_dp_and_experts_over_edp():
     part = 1000 // 4 + 4000 // 2  # 2250
-    z1 = state_bytes(PARAMS, Engine(zero_stage=1, reduce_bucket_size=100), dp=4, edp=2)
-    z2 = state_bytes(PARAMS, Engine(zero_stage=2, reduce_bucket_size=100), dp=4, edp=2)
-    z3 = state_bytes(PARAMS, Engine(zero_stage=3, reduce_bucket_size=100), dp=4, edp=2)
+    z1 = state_bytes(PARAMS, StateLayout(zero_stage=1, reduce_bucket_size=100), dp=4, edp=2)
+    z2 = state_bytes(PARAMS, StateLayout(zero_stage=2, reduce_bucket_size=100), dp=4, edp=2)
+    z3 = state_bytes(PARAMS, StateLayout(zero_stage=3, reduce_bucket_size=100), dp=4, edp=2)
     assert z1.optimizer_bytes == z2.optimizer_bytes == z3.optimizer_bytes == 12 * part  # fp32 partition + m, v
     assert z1.grad_bytes == 4 * 5000 + 4 * part and z2.grad_bytes == 4 * part + 4 * 100
     assert z1.param_bytes == z2.param_bytes == 4 * 5000
@@ -46,9 +46,9 @@ def test_zero_stages_partition_dense_over_dp_and_experts_over_edp():
 
 def test_fsdp_shards_everything_and_gathers_units_in_the_gather_dtype():
     part = 1000 // 4 + 4000 // 2
-    fp32 = state_bytes(PARAMS, Engine(fsdp=True), dp=4, edp=2)
-    bf16 = state_bytes(PARAMS, Engine(fsdp=True, bf16=True), dp=4, edp=2)
-    keep = state_bytes(PARAMS, Engine(fsdp=True, reshard_after_forward=False), dp=4, edp=2)
+    fp32 = state_bytes(PARAMS, StateLayout(fsdp=True), dp=4, edp=2)
+    bf16 = state_bytes(PARAMS, StateLayout(fsdp=True, bf16=True), dp=4, edp=2)
+    keep = state_bytes(PARAMS, StateLayout(fsdp=True, reshard_after_forward=False), dp=4, edp=2)
     assert fp32.params == part and fp32.optimizer_bytes == 8 * part
     assert fp32.param_bytes == 4 * part + 4 * (2 * 1500 + 300) and bf16.param_bytes == 4 * part + 2 * (3000 + 300)
     assert keep.param_bytes == 4 * part + 4 * 5000  # every block held from forward to backward

@@ -29,11 +29,10 @@ from moe_train.checkpoint.placement import placements
 from moe_train.config.parallel import ParallelDims
 from moe_train.config.schema import Config
 from moe_train.models.transformer import Transformer, build_model
-from moe_train.parallel.context import ParallelContext
 from moe_train.parallel.expert_parallel import CommCounter
 from moe_train.parallel.parallelize import parallelize
 from moe_train.planner.plan import micro_batch_size
-from moe_train.planner.profile import fake_world
+from moe_train.planner.profile import fake_world, micro_batch_loss
 from moe_train.training.engine import build_engine
 
 
@@ -92,23 +91,13 @@ def rehearse(cfg: Config, dims: ParallelDims, rank: int) -> RoleReport:
         with FakeTensorMode(allow_non_fake_inputs=True):
             model.to_empty(device="cpu")
             engine = build_engine(model, cfg, ctx, torch.device("cpu"), micro_batch_size(cfg, dims))
-            train_step(engine, cfg, micro_batch_size(cfg, dims))
+            engine.backward(micro_batch_loss(engine.forward, cfg, micro_batch_size(cfg, dims)), last=True)
+            engine.step(engine.clip())  # the Trainer's step: reduction and clipping, then the optimizer
         written = [p for p in placements(model, ctx).values() if p.writer]
         return RoleReport(rank, f"edp {ctx.dp_rank // dims.ep}, ep {ctx.ep_rank}, tp {ctx.tp_rank}",
                           sum(math.prod(s.shape) for s in model.shard_specs.values()), expert_ids(model),
                           len(engine.optimizer.param_groups), len(written), sum(math.prod(p.shape) for p in written),
                           counter.bytes_sent, time.perf_counter() - start)
-
-
-def train_step(engine, cfg: Config, micro_batch: int) -> None:
-    """The Trainer's step on fake tensors: forward, backward, reduction and clipping, optimizer step."""
-    from moe_train.training.trainer import lm_loss
-
-    inputs_BS = torch.randint(0, cfg.model.vocab_size, (micro_batch, cfg.train.seq_len))
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.mixed_precision == "bf16"):
-        logits, aux_loss = engine.forward(inputs_BS)
-    engine.backward(lm_loss(logits, inputs_BS) + aux_loss, last=True)
-    engine.step(engine.clip())
 
 
 def expert_ids(model: Transformer) -> str:

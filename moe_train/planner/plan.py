@@ -23,7 +23,7 @@ from moe_train.config.schema import Config
 from moe_train.models.params import count_parameters, flops_per_token
 from moe_train.models.transformer import Transformer
 from moe_train.planner.profile import StepProfile, fake_world, profile_step
-from moe_train.planner.states import Engine, StateBytes, state_bytes
+from moe_train.planner.states import StateBytes, StateLayout, state_bytes
 from moe_train.training.optim import use_fused
 
 GIB = 2 ** 30
@@ -56,15 +56,16 @@ class Plan:
         return asdict(self)
 
 
-def engine_of(cfg: Config, device: torch.device) -> Engine:
-    return Engine(cfg.zero.stage, cfg.fsdp.enabled, cfg.fsdp.reshard_after_forward,
-                  cfg.train.mixed_precision == "bf16", cfg.zero.reduce_bucket_size, use_fused(cfg.optim, device))
+def engine_of(cfg: Config, device: torch.device) -> StateLayout:
+    return StateLayout(cfg.zero.stage, cfg.fsdp.enabled, cfg.fsdp.reshard_after_forward,
+                       cfg.train.mixed_precision == "bf16", cfg.zero.reduce_bucket_size, use_fused(cfg.optim, device))
 
 
-def layout_name(cfg: Config, dims: ParallelDims) -> str:
-    return (f"dp {dims.dp} (edp {dims.edp}) x ep {dims.ep} x tp {dims.tp}, {engine_of(cfg, torch.device('cpu')).name}"
-            f", AC {cfg.train.activation_checkpointing}, {cfg.train.mixed_precision}, micro-batch "
-            f"{micro_batch_size(cfg, dims)} x {cfg.train.seq_len}")
+def layout_name(cfg: Config, dims: ParallelDims, engine: StateLayout) -> str:
+    t = cfg.train
+    return (f"dp {dims.dp} (edp {dims.edp}) x ep {dims.ep} x tp {dims.tp}, {engine.name}, AC "
+            f"{t.activation_checkpointing}, {t.mixed_precision}, micro-batch {micro_batch_size(cfg, dims)} x "
+            f"{t.seq_len}")
 
 
 def micro_batch_size(cfg: Config, dims: ParallelDims) -> int:
@@ -89,8 +90,7 @@ def plan_layout(cfg: Config, dims: ParallelDims, gpu_mem_gib: float, reserve_gib
     per_rank = rank_plan(state_bytes(profile.params, engine, dims.dp, dims.edp), profile, cfg.train.grad_accum_steps)
     with torch.device("meta"):
         whole = Transformer(cfg.model, cfg.moe)
-    gpu_mem = int(gpu_mem_gib * GIB)
-    return Plan(layout_name(cfg, dims), dims.world_size, engine.name, count_parameters(whole).total,
-                count_parameters(whole).active, per_rank, profile.a2a_bytes * cfg.train.grad_accum_steps,
-                flops_per_token(whole, cfg.train.seq_len), gpu_mem,
+    counts, gpu_mem = count_parameters(whole), int(gpu_mem_gib * GIB)
+    return Plan(layout_name(cfg, dims, engine), dims.world_size, engine.name, counts.total, counts.active, per_rank,
+                profile.a2a_bytes * cfg.train.grad_accum_steps, flops_per_token(whole, cfg.train.seq_len), gpu_mem,
                 per_rank.total_bytes <= gpu_mem - reserve_gib * GIB)

@@ -29,12 +29,12 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 from moe_train.config.parallel import ParallelDims
 from moe_train.config.schema import Config
 from moe_train.models.moe.layer import MoELayer
-from moe_train.models.transformer import Transformer
+from moe_train.models.transformer import Transformer, build_model
 from moe_train.parallel.context import ParallelContext
 from moe_train.parallel.expert_parallel import CommCounter
 from moe_train.parallel.mesh import build_mesh
 from moe_train.parallel.parallelize import parallelize
-from moe_train.planner.states import RankParams
+from moe_train.planner.states import FP32, RankParams
 
 
 @dataclass(frozen=True)
@@ -62,14 +62,6 @@ def fake_world(rank: int, world: int, dims: ParallelDims) -> Iterator[ParallelCo
         dist.destroy_process_group()
 
 
-def build_meta_model(cfg: Config, ctx: ParallelContext, counter: CommCounter) -> Transformer:
-    """The Trainer's construction up to allocation: on the meta device, cut by parallelize (no compile)."""
-    with torch.device("meta"):
-        model = Transformer(cfg.model, cfg.moe)
-    parallelize(model, ctx, cfg, counter)
-    return model
-
-
 def count_rank_params(model: Transformer) -> RankParams:
     """Element counts of this rank's part (its shard specs: the shapes parallelize cut)."""
     specs = model.shard_specs
@@ -92,35 +84,35 @@ def profile_step(cfg: Config, ctx: ParallelContext, micro_batch: int, weights_bf
     counter = CommCounter()
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile=False),
                               fsdp=dataclasses.replace(cfg.fsdp, enabled=False))
-    model = build_meta_model(cfg, ctx, counter)
+    # The Trainer's construction, kept on the meta device (bf16 cast there: under FakeTensorMode .to() would swap
+    # tensors and fail; build_model keeps the router float32, as FSDP2 gathers it).
+    model = build_model(cfg.model, cfg.moe, "meta", dtype=torch.bfloat16 if weights_bf16 else None,
+                        shard=lambda m: parallelize(m, ctx, cfg, counter))
     params = count_rank_params(model)
-    if weights_bf16:
-        cast_weights_bf16(model)  # on meta: under FakeTensorMode, .to() would swap tensors and fail
     with FakeTensorMode(allow_non_fake_inputs=True):
         model.to_empty(device="cpu")
         peak = tracked_peak(model, cfg, micro_batch)
-    grads = 4 * params.total
+    grads = FP32 * params.total
     return StepProfile(params, peak["Activation"] + peak["Temp"], min(1.0, peak["Gradient"] / max(1, grads)),
                        counter.bytes_sent)
 
 
-def cast_weights_bf16(model: Transformer) -> None:
-    model.to(torch.bfloat16)
-    for moe in model.moe_layers():
-        moe.router.float()  # FSDP2 gathers the router in float32 (fsdp.py)
-
-
 def tracked_peak(model: Transformer, cfg: Config, micro_batch: int) -> dict[str, int]:
     """MemTracker's per-category bytes at the peak of one forward + backward (called under FakeTensorMode)."""
-    from moe_train.training.trainer import lm_loss  # the Trainer's loss, in float32
-
     tracker = MemTracker()
     tracker.track_external(model)
-    bf16 = cfg.train.mixed_precision == "bf16"
     with tracker:
-        inputs_BS = torch.randint(0, cfg.model.vocab_size, (micro_batch, cfg.train.seq_len))
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits, aux_loss = model(inputs_BS, return_aux=True)
-        (lm_loss(logits, inputs_BS) + aux_loss).backward()
+        micro_batch_loss(lambda inputs: model(inputs, return_aux=True), cfg, micro_batch).backward()
     (peak,) = tracker.get_tracker_snapshot("peak").values()
     return peak
+
+
+def micro_batch_loss(forward, cfg: Config, micro_batch: int) -> torch.Tensor:
+    """The Trainer's loss (LM cross-entropy in float32 + the MoE aux loss, autocast as configured) of a random
+    micro-batch [micro_batch, train.seq_len]; called under FakeTensorMode. forward(inputs) -> (logits, aux)."""
+    from moe_train.training.trainer import lm_loss
+
+    inputs_BS = torch.randint(0, cfg.model.vocab_size, (micro_batch, cfg.train.seq_len))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.mixed_precision == "bf16"):
+        logits, aux_loss = forward(inputs_BS)
+    return lm_loss(logits, inputs_BS) + aux_loss

@@ -45,8 +45,9 @@ class RankParams:
 
 
 @dataclass(frozen=True)
-class Engine:
-    """What holds the state: zero_stage -1 = moe_train's own reduction; fsdp = FSDP2."""
+class StateLayout:
+    """How the chosen engine (training/engine.py) holds the state: zero_stage -1 = moe_train's own reduction (or
+    FSDP2 when fsdp), and the settings that change its bytes."""
 
     zero_stage: int = -1
     fsdp: bool = False
@@ -76,7 +77,7 @@ def sharded(p: RankParams, dp: int, edp: int) -> int:
     return -(-p.dense // dp) + -(-p.expert // edp)
 
 
-def state_bytes(p: RankParams, engine: Engine, dp: int, edp: int) -> StateBytes:
+def state_bytes(p: RankParams, engine: StateLayout, dp: int, edp: int) -> StateBytes:
     part = sharded(p, dp, edp)
     if engine.fsdp:
         return fsdp_states(p, engine, part)
@@ -86,7 +87,7 @@ def state_bytes(p: RankParams, engine: Engine, dp: int, edp: int) -> StateBytes:
     return StateBytes(p.total, FP32 * p.total, FP32 * p.total, ADAM_BYTES * p.total, temp)
 
 
-def zero_states(p: RankParams, engine: Engine, part: int) -> StateBytes:
+def zero_states(p: RankParams, engine: StateLayout, part: int) -> StateBytes:
     stage = engine.zero_stage
     bucket = FP32 * min(engine.reduce_bucket_size, p.total)
     if stage == 3:
@@ -98,7 +99,7 @@ def zero_states(p: RankParams, engine: Engine, part: int) -> StateBytes:
     return StateBytes(params, param_bytes, grads, (FP32 + ADAM_BYTES) * part, 0)
 
 
-def fsdp_states(p: RankParams, engine: Engine, part: int) -> StateBytes:
+def fsdp_states(p: RankParams, engine: StateLayout, part: int) -> StateBytes:
     gather_bytes = 2 if engine.bf16 else FP32
     units = p.total - p.root if not engine.reshard_after_forward else 2 * p.largest_block
     gathered = gather_bytes * (units + p.root)
