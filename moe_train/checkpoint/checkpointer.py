@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import torch
 from torch import nn
@@ -65,6 +65,16 @@ SHAPE_FIELDS = {
 }
 
 
+ResumePoint = Optional[tuple[Path, dict]]  # (checkpoint directory, its verified manifest), or None
+
+
+def find_resume_point(cfg: CheckpointConfig, run_dir: Path, distributed: bool,
+                      say: Callable[[str], None]) -> ResumePoint:
+    """Collective when distributed: the checkpoint that checkpoint.resume selects in <run_dir>/checkpoints (verified),
+    or None. Asked before the model is built: a run that resumes does not load init.from."""
+    return manager.choose(cfg.resume, run_dir / "checkpoints", distributed, say)
+
+
 class Checkpointer:
     def __init__(self, cfg: CheckpointConfig, run_dir: Path, parts: CheckpointParts, say: Callable[[str], None]):
         self.cfg, self.parts, self.say = cfg, parts, say
@@ -80,9 +90,11 @@ class Checkpointer:
         return manager.save(self.root, save_request(parts), parts.ctx.rank, parts.ctx.groups is not None,
                             self.cfg.keep_last)
 
-    def resume(self) -> bool:
-        """Collective: load the checkpoint that checkpoint.resume selects into the parts; False if none."""
-        chosen = manager.choose(self.cfg.resume, self.root, self.parts.ctx.groups is not None, self.say)
+    def resume(self, chosen: ResumePoint = None) -> bool:
+        """Collective: load `chosen` (find_resume_point's answer; by default asked now) into the parts; False if
+        there is none."""
+        if chosen is None:
+            chosen = find_resume_point(self.cfg, self.root.parent, self.parts.ctx.groups is not None, self.say)
         if chosen is None:
             return False
         directory, manifest = chosen

@@ -86,6 +86,11 @@ class MoEConfig:
     """Always-active shared experts (DeepSeekMoE), run as one dense MLP of width num_shared_experts * d_ff and added to
     the routed output. 0 = none."""
 
+    expert_dropout: float = 0.0
+    """Dropout probability on the experts' hidden activations (act(w1 x) [* w3 x], before w2), routed and shared
+    experts, training only. Switch Transformer fine-tuning raises it to 0.4 while the rest of the model keeps 0.1;
+    0 = off (pre-training). 0 <= p < 1."""
+
     expert_impl: str = "auto"
     """Expert computation. `grouped`: no host sync; a batched matmul over the whole [E, C, D] capacity buffer (empty
     slots included) or torch's grouped GEMM over the dropless groups. `loop`: one matmul chain per non-empty expert
@@ -139,5 +144,7 @@ def validate_moe_config(cfg: MoEConfig, d_model: Optional[int] = None) -> None:
             raise ValueError(f"moe.{name}={value!r} must be a finite number >= 0")
     if not (math.isfinite(cfg.routed_scale) and cfg.routed_scale > 0):
         raise ValueError(f"moe.routed_scale={cfg.routed_scale!r} must be a finite number > 0 (1.0 = Mixtral)")
+    if not 0 <= cfg.expert_dropout < 1:
+        raise ValueError(f"moe.expert_dropout={cfg.expert_dropout!r} must be in [0, 1) (0 = off)")
     if cfg.jitter_eps >= 1:
         raise ValueError(f"moe.jitter_eps={cfg.jitter_eps} must be < 1 (the input is scaled by U(1-eps, 1+eps))")

@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 
 from moe_train.config.checkpoint import CheckpointConfig, validate_checkpoint_config
 from moe_train.config.data import DataConfig, validate_data_config
+from moe_train.config.finetune import FinetuneConfig, validate_finetune_config
 from moe_train.config.fsdp import FSDPConfig, validate_fsdp_config
+from moe_train.config.init import InitConfig, validate_init_config
 from moe_train.config.logging import LoggingConfig, validate_logging_config
 from moe_train.config.model import ModelConfig, validate_model_config
 from moe_train.config.moe import MoEConfig, validate_moe_config
@@ -31,6 +33,8 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     zero: ZeroConfig = field(default_factory=ZeroConfig)
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 def validate_config(cfg: Config, world_size: int = 1) -> ParallelDims:
@@ -46,6 +50,8 @@ def validate_config(cfg: Config, world_size: int = 1) -> ParallelDims:
     validate_parallel_config(cfg.parallel)
     validate_zero_config(cfg.zero, cfg.parallel.ep, cfg.parallel.tp, world_size)
     validate_fsdp_config(cfg.fsdp, cfg.zero.stage, world_size)
+    validate_init_config(cfg.init, cfg.model.moe_every, cfg.moe)
+    validate_finetune_config(cfg.finetune, cfg.model.tie_embeddings)
     dims = resolve_dims(cfg.parallel, world_size, cfg.model, cfg.moe)
     validate_cross(cfg, dims)
     return dims

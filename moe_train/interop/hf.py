@@ -77,15 +77,41 @@ MIXTRAL_REQUIREMENTS = (  # (field, read it, the only value Mixtral can express,
      "Mixtral adds the gate-weighted expert sum unscaled; save_mixtral folds the scale into the experts' w2"),
 )
 HF_ACTIVATIONS = ("silu", "swish")  # the same function in transformers' ACT2FN
+_DENSE_DEFAULTS = {"vocab_size": 32000, "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+                   "initializer_range": 0.02, "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "hidden_act": "silu",
+                   "rope_theta": 10000.0}
+# model_type -> (name in messages, transformers' defaults for keys a config.json may omit: save_pretrained writes
+# only the keys that differ from them). Llama and Mistral (dense) are read by interop/hf_dense.py.
+HF_FAMILIES = {
+    "mixtral": ("Mixtral", HF_DEFAULTS),
+    "llama": ("Llama", {**_DENSE_DEFAULTS, "intermediate_size": 11008, "num_key_value_heads": None,
+                        "max_position_embeddings": 2048}),
+    "mistral": ("Mistral", {**_DENSE_DEFAULTS, "intermediate_size": 14336, "num_key_value_heads": 8,
+                            "max_position_embeddings": 4096 * 32}),
+}
 
 
-def _hf_value(hf_config: dict, key: str):
-    value = hf_config.get(key, HF_DEFAULTS[key])
+def hf_family(hf_config: dict, allowed: tuple[str, ...] = ("mixtral",)) -> tuple[str, dict]:
+    """(display name, defaults) of the config's model_type; ValueError unless it is one of `allowed`."""
+    model_type = hf_config.get("model_type")
+    if model_type not in allowed or model_type not in HF_FAMILIES:
+        raise ValueError(f"config model_type={model_type!r} is not supported here; allowed: "
+                         f"{', '.join(map(repr, allowed))}")
+    return HF_FAMILIES[model_type]
+
+
+def hf_value(hf_config: dict, key: str):
+    name, defaults = HF_FAMILIES.get(hf_config.get("model_type"), HF_FAMILIES["mixtral"])
+    value = hf_config.get(key, defaults.get(key))
     if key == "num_key_value_heads" and value is None:  # HF: None means multi-head attention
-        return _hf_value(hf_config, "num_attention_heads")
+        return hf_value(hf_config, "num_attention_heads")
     if value is None:
-        raise ValueError(f"Mixtral config key {key!r} is null; a value is required")
+        raise ValueError(f"{name} config key {key!r} is null; a value is required")
     return value
+
+
+def _family_name(hf_config: dict) -> str:
+    return HF_FAMILIES.get(hf_config.get("model_type"), HF_FAMILIES["mixtral"])[0]
 
 
 def _rope_section(hf_config: dict) -> tuple[str, dict]:
@@ -94,7 +120,7 @@ def _rope_section(hf_config: dict) -> tuple[str, dict]:
         section = hf_config.get(key)
         if section is not None:
             if not isinstance(section, dict):
-                raise ValueError(f"Mixtral config key {key!r}={section!r} must be a dict or null")
+                raise ValueError(f"{_family_name(hf_config)} config key {key!r}={section!r} must be a dict or null")
             return key, section
     return "rope_parameters", {}
 
@@ -104,32 +130,31 @@ def rope_theta_from_hf(hf_config: dict) -> float:
     key, section = _rope_section(hf_config)
     rope_type = section.get("rope_type", section.get("type", "default"))
     if rope_type not in ("default", None):
-        raise ValueError(f"Mixtral config {key}.rope_type={rope_type!r} is not supported; only 'default' "
-                         f"(unscaled RoPE) can be represented")
+        raise ValueError(f"{_family_name(hf_config)} config {key}.rope_type={rope_type!r} is not supported; only "
+                         f"'default' (unscaled RoPE) can be represented")
     thetas = {v for v in (section.get("rope_theta"), hf_config.get("rope_theta")) if v is not None}
     if len(thetas) > 1:
-        raise ValueError(f"Mixtral config has two different RoPE bases: {key}.rope_theta="
+        raise ValueError(f"{_family_name(hf_config)} config has two different RoPE bases: {key}.rope_theta="
                          f"{section.get('rope_theta')!r} and rope_theta={hf_config.get('rope_theta')!r}")
-    return float(thetas.pop()) if thetas else HF_DEFAULTS["rope_theta"]
+    return float(thetas.pop()) if thetas else float(hf_value(hf_config, "rope_theta"))
 
 
-def _check_hf_config(hf_config: dict) -> None:
-    """Reject the Mixtral settings our model would silently compute differently."""
-    if hf_config.get("model_type") != "mixtral":
-        raise ValueError(f"config model_type={hf_config.get('model_type')!r} is not supported; only 'mixtral'")
-    act = _hf_value(hf_config, "hidden_act")
+def check_hf_config(hf_config: dict, allowed: tuple[str, ...] = ("mixtral",)) -> None:
+    """Reject the settings our model would silently compute differently."""
+    family, _ = hf_family(hf_config, allowed)
+    act = hf_value(hf_config, "hidden_act")
     if act not in HF_ACTIVATIONS:
-        raise ValueError(f"Mixtral config hidden_act={act!r} is not supported; allowed: 'silu' (SwiGLU experts)")
-    d_model, n_heads = _hf_value(hf_config, "hidden_size"), _hf_value(hf_config, "num_attention_heads")
+        raise ValueError(f"{family} config hidden_act={act!r} is not supported; allowed: 'silu' (SwiGLU FFNs)")
+    d_model, n_heads = hf_value(hf_config, "hidden_size"), hf_value(hf_config, "num_attention_heads")
     head_dim = hf_config.get("head_dim")
     if head_dim is not None and head_dim * n_heads != d_model:
-        raise ValueError(f"Mixtral config head_dim={head_dim} is not supported; our head width is always "
+        raise ValueError(f"{family} config head_dim={head_dim} is not supported; our head width is always "
                          f"hidden_size / num_attention_heads = {d_model} / {n_heads}")
     # Our attention is full causal. A window >= the longest sequence never masks anything, so it is equivalent;
     # a shorter one changes the model (Mistral-7B style), and we raise rather than compute something else.
-    window, max_len = hf_config.get("sliding_window"), _hf_value(hf_config, "max_position_embeddings")
+    window, max_len = hf_config.get("sliding_window"), hf_value(hf_config, "max_position_embeddings")
     if window is not None and window < max_len:
-        raise ValueError(f"Mixtral config sliding_window={window} is not supported: our attention is full causal; "
+        raise ValueError(f"{family} config sliding_window={window} is not supported: our attention is full causal; "
                          f"allowed: null or >= max_position_embeddings={max_len}")
 
 
@@ -140,10 +165,10 @@ def config_from_hf(hf_config: dict) -> tuple[ModelConfig, MoEConfig]:
     attention_dropout (we have none). router_jitter_noise maps to moe.jitter_eps, which jitters the router input only
     (Switch), where HF also jitters the experts' input: both are training-only.
     """
-    _check_hf_config(hf_config)
-    model = ModelConfig(**{ours: _hf_value(hf_config, hf) for ours, hf in MODEL_KEYS.items()}, moe_every=1,
+    check_hf_config(hf_config)
+    model = ModelConfig(**{ours: hf_value(hf_config, hf) for ours, hf in MODEL_KEYS.items()}, moe_every=1,
                         rope_theta=rope_theta_from_hf(hf_config))
-    moe = MoEConfig(**{ours: _hf_value(hf_config, hf) for ours, hf in MOE_KEYS.items()}, **MOE_FIXED)
+    moe = MoEConfig(**{ours: hf_value(hf_config, hf) for ours, hf in MOE_KEYS.items()}, **MOE_FIXED)
     return model, moe
 
 
@@ -299,7 +324,7 @@ def _source_keys(recipes: dict) -> list[str]:
     return [key for recipe in recipes.values() for key in recipe.keys]
 
 
-def _checked_recipes(keys: Iterable[str], model_cfg: ModelConfig, moe_cfg: MoEConfig) -> dict:
+def checked_recipes(keys: Iterable[str], model_cfg: ModelConfig, moe_cfg: MoEConfig) -> dict:
     """Recipes for the layout of `keys`, after checking the keys match it. An HF model with tied embeddings may
     still list lm_head.weight (the same tensor as the embedding); it is ignored."""
     check_mixtral_compatible(model_cfg, moe_cfg)
@@ -309,15 +334,15 @@ def _checked_recipes(keys: Iterable[str], model_cfg: ModelConfig, moe_cfg: MoECo
     return recipes
 
 
-def _meta_model(model_cfg: ModelConfig, moe_cfg: MoEConfig) -> Transformer:
+def meta_model(model_cfg: ModelConfig, moe_cfg: MoEConfig) -> Transformer:
     with torch.device("meta"):
         return Transformer(model_cfg, moe_cfg)
 
 
 def state_dict_from_hf(sd: dict, model_cfg: ModelConfig, moe_cfg: MoEConfig) -> dict:
     """Our state dict (new tensors, source dtypes) from an HF Mixtral state dict in the hub or fused layout."""
-    recipes = _checked_recipes(sd.keys(), model_cfg, moe_cfg)
-    shapes = {k: v.shape for k, v in _meta_model(model_cfg, moe_cfg).state_dict().items()}
+    recipes = checked_recipes(sd.keys(), model_cfg, moe_cfg)
+    shapes = {k: v.shape for k, v in meta_model(model_cfg, moe_cfg).state_dict().items()}
     out = {}
     for ours, recipe in recipes.items():
         out[ours] = torch.empty(shapes[ours], dtype=sd[recipe.keys[0]].dtype, device=sd[recipe.keys[0]].device)
@@ -399,7 +424,7 @@ def _safetensors_files(path: Path) -> list[Path]:
     return files
 
 
-def _read_hf_dir(path) -> tuple[dict, list[Path]]:
+def read_hf_dir(path) -> tuple[dict, list[Path]]:
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"Mixtral checkpoint directory {str(path)!r} does not exist or is not a directory")
@@ -411,7 +436,7 @@ def _read_hf_dir(path) -> tuple[dict, list[Path]]:
 
 def empty_model(model_cfg: ModelConfig, moe_cfg: MoEConfig, device, dtype: torch.dtype) -> Transformer:
     """Allocated once on `device` in `dtype` (router float32, as build_model), weights uninitialised, RoPE built."""
-    model = _meta_model(model_cfg, moe_cfg).to(dtype)  # dtype change on meta: no memory
+    model = meta_model(model_cfg, moe_cfg).to(dtype)  # dtype change on meta: no memory
     for moe in model.moe_layers():
         moe.router.float()
     model.to_empty(device=device)
@@ -429,7 +454,7 @@ def fill_model(model: Transformer, recipes: dict, get: Callable[[str], torch.Ten
     return model.eval()
 
 
-def _load_dtype(dtype: Optional[torch.dtype], reader: SafetensorsReader, embedding_key: str) -> torch.dtype:
+def load_dtype(dtype: Optional[torch.dtype], reader: SafetensorsReader, embedding_key: str) -> torch.dtype:
     """dtype=None keeps the stored precision, read from the embedding (the router may be stored in float32)."""
     if dtype is not None:
         return dtype
@@ -440,11 +465,11 @@ def _load_dtype(dtype: Optional[torch.dtype], reader: SafetensorsReader, embeddi
 
 def load_mixtral(path, device="cpu", dtype: Optional[torch.dtype] = None) -> Transformer:
     """Our Transformer from a Mixtral directory (config.json + model.safetensors or index + shards), eval mode."""
-    hf_config, files = _read_hf_dir(path)
+    hf_config, files = read_hf_dir(path)
     model_cfg, moe_cfg = config_from_hf(hf_config)
     reader = SafetensorsReader(files, device=str(torch.device(device)))
-    recipes = _checked_recipes(reader.keys(), model_cfg, moe_cfg)
-    model = empty_model(model_cfg, moe_cfg, device, _load_dtype(dtype, reader, "model.embed_tokens.weight"))
+    recipes = checked_recipes(reader.keys(), model_cfg, moe_cfg)
+    model = empty_model(model_cfg, moe_cfg, device, load_dtype(dtype, reader, "model.embed_tokens.weight"))
     return fill_model(model, recipes, reader.get)
 
 
@@ -531,7 +556,7 @@ def _weights_paths(path) -> tuple[Path, Path]:
     return path, path.with_suffix(".json")
 
 
-def _dataclass_from_dict(cls, values: dict, where: str):
+def dataclass_from_dict(cls, values: dict, where: str):
     """Unknown keys are a newer or foreign format: refuse instead of dropping settings silently."""
     known = {f.name for f in fields(cls)}
     unknown = set(values) - known
@@ -560,8 +585,8 @@ def read_weights_config(path) -> tuple[ModelConfig, MoEConfig]:
     config = json.loads(sidecar.read_text())
     if {k: config.get(k) for k in WEIGHTS_FORMAT} != WEIGHTS_FORMAT:
         raise ValueError(f"{str(sidecar)!r} is not a moe_train weights config (expected {WEIGHTS_FORMAT})")
-    return (_dataclass_from_dict(ModelConfig, config.get("model", {}), str(sidecar)),
-            _dataclass_from_dict(MoEConfig, config.get("moe", {}), str(sidecar)))
+    return (dataclass_from_dict(ModelConfig, config.get("model", {}), str(sidecar)),
+            dataclass_from_dict(MoEConfig, config.get("moe", {}), str(sidecar)))
 
 
 def load_weights(path, device="cpu", dtype: Optional[torch.dtype] = None) -> Transformer:
@@ -572,7 +597,7 @@ def load_weights(path, device="cpu", dtype: Optional[torch.dtype] = None) -> Tra
         raise ValueError(f"weights file {str(weights)!r} does not exist")
     reader = SafetensorsReader([weights], device=str(torch.device(device)))
     recipes = {key: Rename(key) for key in reader.keys()}
-    model = empty_model(model_cfg, moe_cfg, device, _load_dtype(dtype, reader, "tok_embeddings.weight"))
+    model = empty_model(model_cfg, moe_cfg, device, load_dtype(dtype, reader, "tok_embeddings.weight"))
     return fill_model(model, recipes, reader.get)
 
 
@@ -585,8 +610,8 @@ def load_checkpoint_weights(directory, device="cpu", dtype: Optional[torch.dtype
     directory = Path(directory)
     manifest = verify(directory)
     config = manifest["config"]
-    model_cfg = _dataclass_from_dict(ModelConfig, config["model"], str(directory / "manifest.json"))
-    moe_cfg = _dataclass_from_dict(MoEConfig, config["moe"], str(directory / "manifest.json"))
+    model_cfg = dataclass_from_dict(ModelConfig, config["model"], str(directory / "manifest.json"))
+    moe_cfg = dataclass_from_dict(MoEConfig, config["moe"], str(directory / "manifest.json"))
     chunks = ChunkReader(directory, manifest["tensors"])
     params = [k[len("model/"):] for k in manifest["tensors"] if k.startswith("model/")]
     model = empty_model(model_cfg, moe_cfg, device, dtype or chunks.dtype_of("model/tok_embeddings.weight"))

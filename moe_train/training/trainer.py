@@ -16,11 +16,13 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from moe_train.checkpoint.checkpointer import Checkpointer, CheckpointParts, TrainState
+from moe_train.checkpoint.checkpointer import Checkpointer, CheckpointParts, TrainState, find_resume_point
 from moe_train.config.schema import Config
 from moe_train.config.train import TrainConfig
 from moe_train.data import DataBundle, build_data
 from moe_train.data.device import DevicePrefetcher
+from moe_train.interop.initial import load_initial_weights
+from moe_train.models.param_groups import freeze
 from moe_train.models.transformer import Transformer, build_model
 from moe_train.parallel.context import ParallelContext
 from moe_train.parallel.expert_parallel import CommCounter
@@ -63,13 +65,16 @@ class Trainer:
         configure_device(self.device, cfg.train)
         torch.manual_seed(cfg.train.seed)  # every random routing choice follows the seed (init: build_model)
         self.data = self.build_data()
+        resume_point = find_resume_point(cfg.checkpoint, run_dir, self.ctx.groups is not None,
+                                         self.console.print0)  # collective when distributed
         self.model = self.build_model()
+        self.load_initial_weights(resume_point)
         self.description = self.describe_model()  # before ZeRO-3 partitions the parameters
         self.engine = self.build_engine()  # collective when distributed
         self.stats = MoEStatsAccumulator(self.model)
         self.state = TrainState()
         self.checkpointer = self.build_checkpointer()
-        self.checkpointer.resume()  # collective when distributed
+        self.checkpointer.resume(resume_point)  # collective when distributed
         # Resuming (also `auto` with nothing to resume) drops the records of steps that will run again.
         self.metrics = MetricsFile(run_dir / "metrics.jsonl" if self.ctx.is_rank0 else None,
                                    resumed_step=self.step if cfg.checkpoint.resume != "none" else None)
@@ -115,9 +120,22 @@ class Trainer:
                              f"data.tokenizer={self.cfg.data.tokenizer!r} ({self.data.vocab_size} tokens)")
 
         def shard(model: Transformer) -> None:
+            freeze(model, self.cfg.finetune.freeze)  # before FSDP2 and ZeRO record which parameters train
             parallelize(model, self.ctx, self.cfg, self.comm)  # collective under FSDP (mesh look-ups)
 
         return build_model(self.cfg.model, self.cfg.moe, self.device, seed=self.cfg.train.seed, shard=shard)
+
+    def load_initial_weights(self, resume_point) -> None:
+        """init.from into this rank's part of the model, unless a checkpoint is resumed (it wins)."""
+        path = self.cfg.init.path
+        if path is None:
+            return
+        if resume_point is not None:
+            self.console.print0(f"checkpoint.resume={self.cfg.checkpoint.resume!r} found {resume_point[0]}: it wins "
+                                f"over init.from={path!r}, which is not read")
+            return
+        load_initial_weights(self.model, self.cfg.init, self.cfg.train.seed, self.ctx.groups is not None,
+                             self.console.print0)  # collective when distributed and the source is a checkpoint
 
     def build_engine(self) -> Engine:
         return build_engine(self.model, self.cfg, self.ctx, self.device, self.micro_batch_size)

@@ -27,16 +27,19 @@ def activate(h1: torch.Tensor, h3: Optional[torch.Tensor], activation: str) -> t
     return a * h3 if h3 is not None else a
 
 
-def mlp(matmul: Matmul, x, w1, w2, w3: Optional[torch.Tensor], activation: str) -> torch.Tensor:
-    """w2(act(w1 x) [* w3 x]) with any matmul that computes x w^T (plain, batched or grouped)."""
+def mlp(matmul: Matmul, x, w1, w2, w3: Optional[torch.Tensor], activation: str, dropout: float = 0.0) -> torch.Tensor:
+    """w2(drop(act(w1 x) [* w3 x])) with any matmul that computes x w^T (plain, batched or grouped); dropout: the
+    probability of zeroing a hidden activation (the caller passes 0 in eval mode)."""
     h3 = matmul(x, w3) if w3 is not None else None
-    return matmul(activate(matmul(x, w1), h3, activation), w2)
+    a = activate(matmul(x, w1), h3, activation)
+    return matmul(F.dropout(a, dropout) if dropout > 0 else a, w2)
 
 
 def linear(x_ND: torch.Tensor, w_FD: torch.Tensor) -> torch.Tensor:
     return x_ND @ w_FD.t()
 
 
-def expert_mlp(x_ND: torch.Tensor, w1_FD, w2_DF, w3_FD: Optional[torch.Tensor], activation: str) -> torch.Tensor:
-    """One expert (or a dense FFN): SwiGLU w2(silu(w1 x) * w3 x) or w2(act(w1 x))."""
-    return mlp(linear, x_ND, w1_FD, w2_DF, w3_FD, activation)
+def expert_mlp(x_ND: torch.Tensor, w1_FD, w2_DF, w3_FD: Optional[torch.Tensor], activation: str,
+               dropout: float = 0.0) -> torch.Tensor:
+    """One expert (or a dense FFN): SwiGLU w2(silu(w1 x) * w3 x) or w2(act(w1 x)), dropout on the hidden."""
+    return mlp(linear, x_ND, w1_FD, w2_DF, w3_FD, activation, dropout)

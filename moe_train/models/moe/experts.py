@@ -55,10 +55,12 @@ Weights = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]  # (w1_EFD, w
 
 
 class GroupedExperts(nn.Module):
-    def __init__(self, num_experts: int, d_model: int, d_ff: int, activation: str, impl: str = "auto"):
+    def __init__(self, num_experts: int, d_model: int, d_ff: int, activation: str, impl: str = "auto",
+                 dropout: float = 0.0):
         super().__init__()
         self.activation = activation
         self.impl = impl
+        self.dropout = dropout  # on the hidden activations, training only (moe.expert_dropout)
         self.w1 = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
         self.w2 = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
         self.w3 = nn.Parameter(torch.empty(num_experts, d_ff, d_model)) if activation == "swiglu" else None
@@ -87,6 +89,10 @@ class GroupedExperts(nn.Module):
             return self.forward_batched(x, weights) if x.dim() == 3 else self.forward_grouped_mm(x, counts_E, weights)
         return self.forward_loop(x, counts_E, weights)
 
+    @property
+    def hidden_dropout(self) -> float:
+        return self.dropout if self.training else 0.0
+
     def use_loop(self, x: torch.Tensor) -> bool:
         """`auto`: sync-free kernels on accelerators; on CPU a loop over filled rows (host syncs cost nothing there,
         and skipping the empty capacity slots saves (cf - 1) / cf of the FLOPs). Grouped GEMM needs 16-byte strides."""
@@ -96,7 +102,7 @@ class GroupedExperts(nn.Module):
 
     def forward_batched(self, x_ECD: torch.Tensor, weights: Weights) -> torch.Tensor:
         """Batched matmul over the whole capacity buffer, empty slots included (static shapes, no host sync)."""
-        return mlp(lambda x, w: torch.bmm(x, w.transpose(1, 2)), x_ECD, *weights, self.activation)
+        return mlp(lambda x, w: torch.bmm(x, w.transpose(1, 2)), x_ECD, *weights, self.activation, self.hidden_dropout)
 
     def forward_grouped_mm(self, x_RD: torch.Tensor, counts_E: torch.Tensor, weights: Weights) -> torch.Tensor:
         """torch grouped GEMM over rows grouped by expert; group ends stay on the device (no host sync)."""
@@ -109,7 +115,7 @@ class GroupedExperts(nn.Module):
         def grouped(x, w):
             return torch._grouped_mm(x, w.transpose(1, 2), offs=offs_E)
 
-        return mlp(grouped, x_RD, *weights, self.activation)
+        return mlp(grouped, x_RD, *weights, self.activation, self.hidden_dropout)
 
     def forward_shapes_only(self, x: torch.Tensor, counts_E: torch.Tensor, weights: Weights) -> torch.Tensor:
         """Meta/fake tensors: the kernels a GPU runs where they take any dtype (batched, grouped GEMM in bf16), else
@@ -129,7 +135,7 @@ class GroupedExperts(nn.Module):
     def forward_loop(self, x: torch.Tensor, counts_E: torch.Tensor, weights: Weights) -> torch.Tensor:
         """One matmul chain per non-empty group over its filled rows only (capacity segments, or dropless groups)."""
         groups = capacity_groups(x.shape[1], counts_E) if x.dim() == 3 else dropless_groups(counts_E)
-        return expert_loop(x, *weights, groups, self.activation)  # rows of x, in x's shape
+        return expert_loop(x, *weights, groups, self.activation, self.hidden_dropout)  # rows of x, in x's shape
 
 
 def expert_param_ids(model: nn.Module) -> set[int]:

@@ -39,9 +39,10 @@ class MoEStats:
 class SharedExperts(nn.Module):
     """Always-active dense MLP of width num_shared_experts * d_ff (DeepSeekMoE shared experts)."""
 
-    def __init__(self, d_model: int, d_hidden: int, activation: str):
+    def __init__(self, d_model: int, d_hidden: int, activation: str, dropout: float = 0.0):
         super().__init__()
         self.activation = activation
+        self.dropout = dropout  # on the hidden activations, training only (moe.expert_dropout)
         self.w1 = nn.Parameter(torch.empty(d_hidden, d_model))
         self.w2 = nn.Parameter(torch.empty(d_model, d_hidden))
         self.w3 = nn.Parameter(torch.empty(d_hidden, d_model)) if activation == "swiglu" else None
@@ -53,7 +54,7 @@ class SharedExperts(nn.Module):
                 nn.init.normal_(w, std=std)
 
     def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
-        return expert_mlp(x_TD, self.w1, self.w2, self.w3, self.activation)
+        return expert_mlp(x_TD, self.w1, self.w2, self.w3, self.activation, self.dropout if self.training else 0.0)
 
 
 class MoELayer(nn.Module):
@@ -66,7 +67,8 @@ class MoELayer(nn.Module):
         self.cfg = cfg
         self.d_model = d_model
         self.router = build_router(d_model, cfg)
-        self.experts = GroupedExperts(cfg.num_experts, d_model, cfg.d_ff, cfg.activation, cfg.expert_impl)
+        self.experts = GroupedExperts(cfg.num_experts, d_model, cfg.d_ff, cfg.activation, cfg.expert_impl,
+                                      cfg.expert_dropout)
         self.shared_experts = self.build_shared_experts(d_model, cfg)
         self.dispatcher = dispatcher if dispatcher is not None else LocalDispatcher()
         self.last_stats: Optional[MoEStats] = None
@@ -75,7 +77,7 @@ class MoELayer(nn.Module):
     def build_shared_experts(d_model: int, cfg: MoEConfig) -> Optional[SharedExperts]:
         if cfg.num_shared_experts == 0:
             return None
-        return SharedExperts(d_model, cfg.num_shared_experts * cfg.d_ff, cfg.activation)
+        return SharedExperts(d_model, cfg.num_shared_experts * cfg.d_ff, cfg.activation, cfg.expert_dropout)
 
     def init_weights(self, std: float = 0.02) -> None:
         for module in (self.router, self.experts, self.shared_experts):
