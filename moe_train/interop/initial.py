@@ -257,9 +257,9 @@ def load_initial_weights(model: nn.Module, cfg: InitConfig, seed: int, distribut
     source = open_source(cfg.path, distributed)
     plan = build_plan(model, source, cfg, seed)
     apply_plan(model, plan)
-    what = (f"upcycled (granularity {cfg.upcycle_granularity}, noise {cfg.upcycle_noise}) from the dense model in "
-            if cfg.upcycle else "")
-    say(f"initial weights {what}from {source.kind} {source.path}")
+    origin = f"{source.kind} {source.path}"
+    say(f"initial weights upcycled (granularity {cfg.upcycle_granularity}, noise {cfg.upcycle_noise}) from the "
+        f"dense model in {origin}" if cfg.upcycle else f"initial weights from {origin}")
     differences = config_differences(source, model.cfg, model.moe_cfg, cfg.upcycle)
     if differences:
         say(f"note: this run's config differs from the source's in {', '.join(differences)}")

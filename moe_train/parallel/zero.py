@@ -162,8 +162,10 @@ def mark_experts(model: nn.Module, num_experts: int, ep: int, group_name: str, s
 def optimizer_groups(model: nn.Module, weight_decay: float, has_experts: bool) -> list[dict]:
     """Our decay / no-decay policy (training/optim.py), each split further into dense and expert groups; expert
     groups are marked `'moe': True` and named after their DeepSpeed group, as ZeRO 1/2 require."""
-    named = [{**g, "name": name} for g, name in zip(param_groups(model, weight_decay), ("decay", "no_decay"))]
-    return split_params_into_different_moe_groups_for_optimizer(named) if has_experts else named
+    named = [{**g, "name": name} for g, name in zip(param_groups(model, weight_decay), ("decay", "no_decay"))
+             if g["params"]]  # finetune.freeze may empty one; DeepSpeed's flat buffers need parameters
+    groups = split_params_into_different_moe_groups_for_optimizer(named) if has_experts else named
+    return [g for g in groups if g["params"]]
 
 
 def deepspeed_config(cfg: Config, micro_batch_size: int, dp: int) -> dict:
