@@ -53,11 +53,12 @@ class TokenLoader:
     """Infinite shuffled training batches of one dp rank; see the module docstring for the order."""
 
     def __init__(self, tokens: torch.Tensor, seq_len: int, micro_batch_size: int, seed: int = 0,
-                 dp_rank: int = 0, dp_size: int = 1):
+                 dp_rank: int = 0, dp_size: int = 1, labels: Optional[torch.Tensor] = None):
         _check_layout(micro_batch_size, dp_rank, dp_size)
         self.seq_len, self.micro_batch_size, self.seed = seq_len, micro_batch_size, seed
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self._rows = pack_sequences(tokens, seq_len)
+        self._labels = None if labels is None else pack_sequences(labels, seq_len)  # targets (chat: masked)
         self.batches_per_epoch = _micro_batches_per_rank(self._rows, "training", seq_len, micro_batch_size, dp_size)
         self.epoch, self.position = 0, 0  # position: this rank's micro-batches consumed in the epoch
         self._order: Optional[torch.Tensor] = None  # the epoch's row permutation, built lazily
@@ -78,7 +79,8 @@ class TokenLoader:
             self._order = self._epoch_order(self.epoch)
         start = (self.position * self.dp_size + self.dp_rank) * self.micro_batch_size  # global micro-batch
         self.position += 1
-        return inputs_targets(self._rows[self._order[start:start + self.micro_batch_size]])
+        rows = self._order[start:start + self.micro_batch_size]
+        return inputs_targets(self._rows[rows], None if self._labels is None else self._labels[rows])
 
     def __iter__(self) -> Iterator[Batch]:
         while True:
@@ -108,11 +110,12 @@ class ValidationBatches:
     """A fixed, re-iterable list of validation batches for this dp rank (rows in stream order)."""
 
     def __init__(self, tokens: torch.Tensor, seq_len: int, micro_batch_size: int, dp_rank: int = 0,
-                 dp_size: int = 1, max_batches: Optional[int] = None):
+                 dp_size: int = 1, max_batches: Optional[int] = None, labels: Optional[torch.Tensor] = None):
         _check_layout(micro_batch_size, dp_rank, dp_size)
         if max_batches is not None and max_batches < 1:
             raise ValueError(f"max_batches={max_batches} must be None (all) or >= 1")
         self._rows = pack_sequences(tokens, seq_len)
+        self._labels = None if labels is None else pack_sequences(labels, seq_len)
         _micro_batches_per_rank(self._rows, "validation", seq_len, micro_batch_size, dp_size)
         self.micro_batch_size = micro_batch_size
         total = len(self._rows) // micro_batch_size
@@ -129,4 +132,5 @@ class ValidationBatches:
     def __iter__(self) -> Iterator[Batch]:
         b = self.micro_batch_size
         for m in self._mine:
-            yield inputs_targets(self._rows[m * b:(m + 1) * b])
+            rows = slice(m * b, (m + 1) * b)
+            yield inputs_targets(self._rows[rows], None if self._labels is None else self._labels[rows])

@@ -57,7 +57,9 @@ def pack_sequences(tokens: torch.Tensor, seq_len: int) -> torch.Tensor:
     return tokens[: rows * (seq_len + 1)].view(rows, seq_len + 1)
 
 
-def inputs_targets(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """int64 (inputs [B, seq_len], targets [B, seq_len]) of packed rows [B, seq_len + 1]."""
+def inputs_targets(rows: torch.Tensor, label_rows: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64 (inputs [B, seq_len], targets [B, seq_len]) of packed rows [B, seq_len + 1]; targets come from the
+    label rows when given (instruction data: IGNORE_INDEX where the loss does not count)."""
     rows = rows.long()
-    return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+    targets = (rows if label_rows is None else label_rows.long())[:, 1:]
+    return rows[:, :-1].contiguous(), targets.contiguous()

@@ -20,6 +20,7 @@ from moe_train.checkpoint.checkpointer import Checkpointer, CheckpointParts, Tra
 from moe_train.config.schema import Config
 from moe_train.config.train import TrainConfig
 from moe_train.data import DataBundle, build_data
+from moe_train.data.chat import IGNORE_INDEX
 from moe_train.data.device import DevicePrefetcher
 from moe_train.interop.initial import load_initial_weights
 from moe_train.models.param_groups import freeze
@@ -48,9 +49,18 @@ def configure_device(device: torch.device, cfg: TrainConfig) -> None:
         torch.backends.cudnn.allow_tf32 = cfg.tf32
 
 
+def lm_loss_sum(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed next-token cross-entropy in float32, nats; number of targets counted): targets equal to IGNORE_INDEX
+    (instruction data's prompt tokens) count in neither. Device tensors: no host sync."""
+    total = F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten(), ignore_index=IGNORE_INDEX,
+                            reduction="sum")
+    return total, (targets_BS != IGNORE_INDEX).sum()
+
+
 def lm_loss(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy in float32, nats per token."""
-    return F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten())
+    """Mean next-token cross-entropy over the counted targets, nats per token (0 when a micro-batch has none)."""
+    total, count = lm_loss_sum(logits_BSV, targets_BS)
+    return total / count.clamp_min(1)
 
 
 class Trainer:
@@ -106,7 +116,7 @@ class Trainer:
     def build_data(self) -> DataBundle:
         t, dims = self.cfg.train, self.ctx.dims
         data = build_data(self.cfg.data, t.seq_len, self.micro_batch_size, self.ctx.dp_rank, dims.dp,
-                          val_batches=t.eval_batches)
+                          val_batches=t.eval_batches, say=self.console.print0)
         data.train = DevicePrefetcher(data.train, self.device)  # pinned, non-blocking, one batch ahead
         return data
 
@@ -157,10 +167,12 @@ class Trainer:
 
     def forward_loss(self, inputs, targets) -> tuple[torch.Tensor, torch.Tensor]:
         """(LM cross-entropy, scaled MoE aux + z loss) of one micro-batch."""
-        inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+        logits, aux_loss = self.forward_logits(inputs)
+        return lm_loss(logits, targets.to(self.device, non_blocking=True)), aux_loss
+
+    def forward_logits(self, inputs) -> tuple[torch.Tensor, torch.Tensor]:
         with self.autocast():
-            logits, aux_loss = self.engine.forward(inputs)
-        return lm_loss(logits, targets), aux_loss
+            return self.engine.forward(inputs.to(self.device, non_blocking=True))
 
     def train_step(self, collect_stats: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
         """One optimizer step over grad_accum_steps micro-batches: (mean LM loss, grad norm, lr used)."""
@@ -188,12 +200,20 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean LM loss over the fixed validation batches (eval capacity factor applies)."""
+        """Mean LM loss per counted target token over the fixed validation batches (eval capacity factor applies)."""
+        return self.evaluate_sums()[0]
+
+    @torch.no_grad()
+    def evaluate_sums(self) -> tuple[float, int]:
+        """(mean loss per counted token, tokens counted) over every rank's validation batches."""
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
         with self.engine.evaluation():
-            losses = [self.forward_loss(inputs, targets)[0] for inputs, targets in self.data.val]
-        total = torch.stack([torch.stack(losses).sum(), torch.tensor(float(len(losses)), device=self.device)])
+            for inputs, targets in self.data.val:
+                loss_sum, count = lm_loss_sum(self.forward_logits(inputs)[0], targets.to(self.device))
+                total += torch.stack([loss_sum.double(), count.double()])
         self.all_reduce_sum(total)  # collective
-        return (total[0] / total[1]).item()  # host sync
+        loss_sum, count = total.tolist()  # host sync
+        return loss_sum / max(count, 1.0), int(count)
 
     def all_reduce_sum(self, t: torch.Tensor) -> None:
         """Collective over the dp group (no-op on one process)."""
