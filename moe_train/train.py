@@ -59,7 +59,8 @@ def finish(trainer: Trainer, ctx: ParallelContext, last: dict) -> None:
     with trainer.gathered_parameters():  # collective under ZeRO 3
         state = full_state_dict(trainer.model, ctx)  # collective
         if ctx.is_rank0:
-            save_weights(trainer.model, trainer.run_dir / "weights.safetensors", state)  # for moe-train-convert to-hf
+            save_weights(trainer.model, trainer.run_dir / "weights.safetensors", state,
+                         layout=trainer.layout())  # for moe-train-convert to-hf and moe-train-eval
     losses = "".join(f", {key} {last[key]:.4f}" for key in ("loss", "val_loss") if key in last)  # none if resumed done
     trainer.console.print0(f"done: step {trainer.step}{losses}; outputs in {trainer.run_dir}")
 

@@ -565,28 +565,37 @@ def dataclass_from_dict(cls, values: dict, where: str):
     return cls(**values)
 
 
-def save_weights(model: Transformer, path, state_dict: Optional[dict] = None) -> None:
+def save_weights(model: Transformer, path, state_dict: Optional[dict] = None, layout: Optional[dict] = None) -> None:
     """Write our state dict (or `state_dict`, e.g. with sharded experts gathered) to `path` (NAME.safetensors) and
-    the configs to NAME.json."""
+    the configs to NAME.json; `layout` (the run's world_size, dp, ep, tp) lets moe-train-eval rebuild the run's
+    validation micro-batches."""
     weights, sidecar = _weights_paths(path)
     weights.parent.mkdir(parents=True, exist_ok=True)
     config = {**WEIGHTS_FORMAT, "model": asdict(model.cfg), "moe": asdict(model.moe_cfg)}
+    if layout is not None:
+        config["layout"] = layout
     sidecar.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     state_dict = model.state_dict() if state_dict is None else state_dict
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     save_file(tensors, str(weights), metadata={"format": "pt"})
 
 
-def read_weights_config(path) -> tuple[ModelConfig, MoEConfig]:
-    """The (ModelConfig, MoEConfig) in the sidecar NAME.json of a weights file NAME.safetensors."""
+def read_weights_sidecar(path) -> dict:
+    """The sidecar NAME.json of a weights file NAME.safetensors, format checked."""
     _, sidecar = _weights_paths(path)
     if not sidecar.is_file():
         raise ValueError(f"weights config {str(sidecar)!r} does not exist")
     config = json.loads(sidecar.read_text())
     if {k: config.get(k) for k in WEIGHTS_FORMAT} != WEIGHTS_FORMAT:
         raise ValueError(f"{str(sidecar)!r} is not a moe_train weights config (expected {WEIGHTS_FORMAT})")
-    return (dataclass_from_dict(ModelConfig, config.get("model", {}), str(sidecar)),
-            dataclass_from_dict(MoEConfig, config.get("moe", {}), str(sidecar)))
+    return config
+
+
+def read_weights_config(path) -> tuple[ModelConfig, MoEConfig]:
+    """The (ModelConfig, MoEConfig) in the sidecar NAME.json of a weights file NAME.safetensors."""
+    config, where = read_weights_sidecar(path), str(_weights_paths(path)[1])
+    return (dataclass_from_dict(ModelConfig, config.get("model", {}), where),
+            dataclass_from_dict(MoEConfig, config.get("moe", {}), where))
 
 
 def load_weights(path, device="cpu", dtype: Optional[torch.dtype] = None) -> Transformer:

@@ -42,6 +42,8 @@ class WeightSource:
     moe_cfg: MoEConfig
     shapes: dict[str, tuple[int, ...]]  # our parameter name -> global shape
     read: Read
+    run_config: Optional[dict] = None  # the whole Config of the run that wrote it (checkpoints, run directories)
+    layout: Optional[dict] = None  # that run's world_size, dp, ep, tp
 
 
 def open_source(path, distributed: bool = False) -> WeightSource:
@@ -75,7 +77,16 @@ def weights_file_source(path: Path) -> WeightSource:
     model_cfg, moe_cfg = hf.read_weights_config(path)
     reader = hf.SafetensorsReader([path])
     shapes = {key: tuple(reader.file_of[key].get_slice(key).get_shape()) for key in reader.keys()}
-    return WeightSource(str(path), "weights file", model_cfg, moe_cfg, shapes, reader.get)
+    run_yaml = path.parent / "config.yaml"  # a run directory's resolved config, beside its weights.safetensors
+    run_config = _load_yaml(run_yaml) if run_yaml.is_file() else None
+    return WeightSource(str(path), "weights file", model_cfg, moe_cfg, shapes, reader.get, run_config,
+                        hf.read_weights_sidecar(path).get("layout"))
+
+
+def _load_yaml(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
 
 
 def checkpoint_source(directory: Path, distributed: bool) -> WeightSource:
@@ -87,7 +98,7 @@ def checkpoint_source(directory: Path, distributed: bool) -> WeightSource:
     shapes = {key[len("model/"):]: tuple(entry["global_shape"]) for key, entry in manifest["tensors"].items()
               if key.startswith("model/")}
     return WeightSource(str(directory), f"checkpoint {directory.name}", model_cfg, moe_cfg, shapes,
-                        lambda name: chunks.read_full(f"model/{name}"))
+                        lambda name: chunks.read_full(f"model/{name}"), config, manifest["layout"])
 
 
 def hf_source(directory: Path) -> WeightSource:
@@ -255,6 +266,13 @@ def load_initial_weights(model: nn.Module, cfg: InitConfig, seed: int, distribut
     """Fill this rank's part of `model` (built, sharded, initialised) from `cfg.path`, upcycling if asked.
     Collective when `distributed` and the source is a checkpoint (verification)."""
     source = open_source(cfg.path, distributed)
+    load_from_source(model, source, cfg, seed, say)
+    return source
+
+
+def load_from_source(model: nn.Module, source: WeightSource, cfg: InitConfig, seed: int,
+                     say: Callable[[str], None] = print) -> None:
+    """load_initial_weights from an opened source."""
     plan = build_plan(model, source, cfg, seed)
     apply_plan(model, plan)
     origin = f"{source.kind} {source.path}"
@@ -263,4 +281,3 @@ def load_initial_weights(model: nn.Module, cfg: InitConfig, seed: int, distribut
     differences = config_differences(source, model.cfg, model.moe_cfg, cfg.upcycle)
     if differences:
         say(f"note: this run's config differs from the source's in {', '.join(differences)}")
-    return source

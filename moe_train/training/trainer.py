@@ -63,6 +63,24 @@ def lm_loss(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
     return total / count.clamp_min(1)
 
 
+def autocast_for(device: torch.device, mixed_precision: str):
+    """train.mixed_precision=bf16: torch.autocast to bfloat16 on `device`; none: no autocast."""
+    if mixed_precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def loss_sums(forward_logits, batches, device: torch.device) -> torch.Tensor:
+    """float64 [summed LM loss, counted target tokens] over `batches` (no host sync); forward_logits(inputs) ->
+    (logits, aux). Training's evaluation and moe-train-eval share it, so both compute the same numbers."""
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for inputs, targets in batches:
+        loss_sum, count = lm_loss_sum(forward_logits(inputs)[0], targets.to(device))
+        total += torch.stack([loss_sum.double(), count.double()])
+    return total
+
+
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, ctx: Optional[ParallelContext] = None,
                  device: Optional[torch.device] = None):
@@ -161,9 +179,7 @@ class Trainer:
         return self.engine.gathered_parameters()
 
     def autocast(self):
-        if self.cfg.train.mixed_precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast_for(self.device, self.cfg.train.mixed_precision)
 
     def forward_loss(self, inputs, targets) -> tuple[torch.Tensor, torch.Tensor]:
         """(LM cross-entropy, scaled MoE aux + z loss) of one micro-batch."""
@@ -206,11 +222,8 @@ class Trainer:
     @torch.no_grad()
     def evaluate_sums(self) -> tuple[float, int]:
         """(mean loss per counted token, tokens counted) over every rank's validation batches."""
-        total = torch.zeros(2, dtype=torch.float64, device=self.device)
         with self.engine.evaluation():
-            for inputs, targets in self.data.val:
-                loss_sum, count = lm_loss_sum(self.forward_logits(inputs)[0], targets.to(self.device))
-                total += torch.stack([loss_sum.double(), count.double()])
+            total = loss_sums(self.forward_logits, self.data.val, self.device)
         self.all_reduce_sum(total)  # collective
         loss_sum, count = total.tolist()  # host sync
         return loss_sum / max(count, 1.0), int(count)
@@ -290,6 +303,10 @@ class Trainer:
         self.metrics.write(record)
         self.logger.log(record, step)
         return val_loss
+
+    def layout(self) -> dict:
+        dims = self.ctx.dims
+        return {"world_size": dims.world_size, "dp": dims.dp, "ep": dims.ep, "tp": dims.tp}
 
     def describe_model(self) -> str:
         from moe_train.models.params import count_parameters

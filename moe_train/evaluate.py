@@ -1,0 +1,114 @@
+"""`moe-train-eval SOURCE [key=value ...] [--json]`: validation loss, perplexity, tokens evaluated and tokens/s of
+a weights file, a checkpoint or a Hugging Face directory on the configured data.
+
+    moe-train-eval outputs/2026-11-29/21-00-00/weights.safetensors          # the run's own validation batches
+    moe-train-eval RUN/checkpoints/step_00000300 train.eval_batches=50 --json
+    moe-train-eval path/to/llama-dir data.source=text data.path=shakespeare.txt data.tokenizer=path/to/llama-dir
+
+The configuration: the config of the run that wrote SOURCE when it has one (a checkpoint's manifest, or the
+config.yaml beside a run's weights.safetensors), else conf/config.yaml's defaults; the model shape and routing always
+from SOURCE; then the key=value overrides. By default the run's fixed validation batches are evaluated exactly as its
+training did (same micro-batch size, the same train.eval_batches micro-batches: the run's layout is recorded with
+its weights), so a run's final logged val_loss is reproduced from its weights. For instruction data (data.source=chat)
+the loss counts response tokens only, as in training.
+
+`tokens` = target tokens the loss counted; `tokens_per_s` = input tokens forwarded per second (forward passes only,
+data loading excluded). --json prints one object with keys val_loss, perplexity, tokens, tokens_per_s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from typing import Optional
+
+import torch
+from omegaconf import OmegaConf
+
+from moe_train.cli_config import compose_config, exit_on_config_error
+from moe_train.config.init import init_config
+from moe_train.config.schema import Config, validate_config
+from moe_train.data import build_data
+from moe_train.interop.initial import WeightSource, load_from_source, open_source
+from moe_train.models.transformer import build_model
+from moe_train.training.trainer import autocast_for, loss_sums, resolve_device
+
+PROG = "moe-train-eval"
+
+
+def check_overrides(overrides: list[str]) -> None:
+    for item in overrides:
+        key = item.split("=", 1)[0]
+        if "=" not in item or "." not in key:
+            raise ValueError(f"override {item!r}: {PROG} takes key=value overrides of single keys (e.g. "
+                             f"data.source=chat, train.eval_batches=20), not config groups")
+
+
+def eval_config(source: WeightSource, overrides: list[str]) -> Config:
+    """The run's config (or the defaults), the model and MoE config of SOURCE, then the overrides; validated."""
+    check_overrides(overrides)
+    base = source.run_config if source.run_config is not None else dataclasses.asdict(compose_config([]))
+    merged = OmegaConf.merge(OmegaConf.structured(Config), base,
+                             {"model": dataclasses.asdict(source.model_cfg), "moe": dataclasses.asdict(source.moe_cfg)},
+                             OmegaConf.from_dotlist(overrides))
+    cfg: Config = OmegaConf.to_object(merged)
+    validate_config(cfg, world_size=1)
+    return cfg
+
+
+def run_batches(total: int, dp: int) -> int:
+    """How many global validation micro-batches a run on `dp` data-parallel ranks evaluated out of `total`."""
+    return max(total - total % dp, dp)
+
+
+def evaluate(source: WeightSource, cfg: Config, say=print) -> dict:
+    """{val_loss, perplexity, tokens, tokens_per_s} of SOURCE on cfg's validation batches (one process)."""
+    t = cfg.train
+    dp = int((source.layout or {}).get("dp", 1))
+    micro = t.batch_size // (t.grad_accum_steps * dp)  # the run's micro-batch size
+    device = resolve_device(t.device)
+    data = build_data(cfg.data, t.seq_len, micro, val_batches=t.eval_batches, say=say)
+    batches = list(data.val)[:run_batches(len(data.val), dp)]
+    model = build_model(cfg.model, cfg.moe, device, seed=t.seed)
+    load_from_source(model, source, init_config(source.path), t.seed, say)
+    model.eval()
+    forward = lambda inputs: model(inputs.to(device), return_aux=True)  # noqa: E731
+    start = time.perf_counter()
+    with autocast_for(device, t.mixed_precision):
+        loss_sum, count = loss_sums(forward, batches, device).tolist()  # host sync: the end of the timed forwards
+    seconds = time.perf_counter() - start
+    val_loss = loss_sum / max(count, 1.0)
+    return {"val_loss": val_loss, "perplexity": math.exp(val_loss) if val_loss < 700 else math.inf,
+            "tokens": int(count), "tokens_per_s": sum(i.numel() for i, _ in batches) / max(seconds, 1e-9)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Validation loss of a weights file, checkpoint or HF "
+                                                            "directory on the configured data.")
+    parser.add_argument("source", help="weights.safetensors, a checkpoint (step_XXXXXXXX or checkpoints/), or a "
+                                       "Hugging Face directory (Mixtral, Llama, Mistral)")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.eval_batches=20")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a line of text")
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
+    quiet = (lambda message: None) if args.json else print
+    with exit_on_config_error(PROG):
+        source = open_source(args.source)
+        cfg = eval_config(source, args.overrides)
+        result = evaluate(source, cfg, quiet)
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"{source.kind} {source.path}: val_loss {result['val_loss']:.4f}, perplexity {result['perplexity']:.3f}, "
+          f"{result['tokens']:,} tokens, {result['tokens_per_s']:,.0f} tokens/s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
