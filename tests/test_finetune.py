@@ -129,18 +129,29 @@ def test_init_from_a_checkpoint_directory_loads_its_weights(tmp_path):
             assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("upcycle", [False, True])
-def test_init_from_hf_llama_matches_transformers_logits(tmp_path, upcycle):
+HF_SHAPE = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64)
+HF_ARMS = {  # name: (transformers config class, extra config keys, our overrides)
+    "llama": ("LlamaConfig", {}, ("model.moe_every=0",)),
+    "mistral": ("MistralConfig", {"sliding_window": None}, ("model.moe_every=0",)),
+    "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None},
+                ("moe.d_ff=64", "moe.routed_scale=1.0", "moe.aux_loss_counting=all")),
+    "llama_upcycled": ("LlamaConfig", {}, ("init.upcycle=true", "moe.d_ff=64")),
+}
+
+
+@pytest.mark.parametrize("arm", sorted(HF_ARMS))
+def test_init_from_hf_matches_transformers_logits(tmp_path, arm):
     transformers = pytest.importorskip("transformers")
+    config_class, extra, ours = HF_ARMS[arm]
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    hf_model = transformers.LlamaForCausalLM(config).eval()
-    hf_model.save_pretrained(tmp_path / "llama")
+    config = getattr(transformers, config_class)(**HF_SHAPE, **extra)
+    hf_model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    hf_model.save_pretrained(tmp_path / "hf")
     shape = ("model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.d_ff=64",
-             "model.max_seq_len=64", "model.norm_eps=1e-6", f"init.from={tmp_path / 'llama'}")
-    moe = ("init.upcycle=true", "moe.d_ff=64") if upcycle else ("model.moe_every=0",)
-    trainer = make_trainer(overrides("dropless", 1, (*shape, *moe)), 1, 0, tmp_path / "run")
+             "model.max_seq_len=64", f"model.norm_eps={config.rms_norm_eps}",
+             f"model.rope_theta={config.rope_parameters['rope_theta']}", f"init.from={tmp_path / 'hf'}")
+    trainer = make_trainer(overrides("dropless", 1, (*shape, *ours)), 1, 0, tmp_path / "run")
     ids = torch.randint(0, 256, (2, 23))
     with torch.no_grad():
         torch.testing.assert_close(trainer.model.eval()(ids), hf_model(ids).logits, atol=1e-5, rtol=1e-5)
