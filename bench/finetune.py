@@ -239,7 +239,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         up = upcycling(s, work)
-        results = {"settings": vars(s), "upcycling": up, "finetuning": finetuning(s, work, up["dense_pretrain"]["weights"])}
+        tuned = finetuning(s, work, up["dense_pretrain"]["weights"])
+        results = {"settings": vars(s), "upcycling": up, "finetuning": tuned}
     text = report(results, s, "python bench/finetune.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     print(text)
     for path, content in ((args.json, json.dumps(results, indent=1)), (args.out, text)):

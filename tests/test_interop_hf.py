@@ -250,3 +250,26 @@ def test_shard_size_parsing_and_planning():
         parse_size("5 parsecs")
     assert plan_shards([("a", 6), ("b", 5), ("c", 20), ("d", 1)], 10) == [["a"], ["b"], ["c"], ["d"]]
     assert plan_shards([("a", 4), ("b", 5), ("c", 2)], 10) == [["a", "b"], ["c"]]
+
+
+@pytest.mark.parametrize("family, extra", [("Llama", {"attention_bias": False}), ("Mistral", {"sliding_window": None})])
+def test_dense_hf_converts_and_equals_transformers(tmp_path, family, extra):
+    shape = {k: v for k, v in TINY.items() if k not in ("num_local_experts", "num_experts_per_tok")}
+    hf = getattr(transformers, f"{family}ForCausalLM")(getattr(transformers, f"{family}Config")(**shape, **extra))
+    hf.eval().save_pretrained(tmp_path / "hf")
+    assert main(["from-hf", str(tmp_path / "hf"), str(tmp_path / "w.safetensors")]) == 0
+    ours = load_weights(tmp_path / "w.safetensors")
+    assert ours.cfg.moe_every == 0 and ours.cfg.d_ff == TINY["intermediate_size"]
+    ids = torch.randint(0, TINY["vocab_size"], (2, 17))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("change, match", [({"attention_bias": True}, "attention_bias=True"),
+                                           ({"sliding_window": 16}, "sliding_window=16"),
+                                           ({"model_type": "gpt2"}, "model_type='gpt2'")])
+def test_dense_hf_settings_we_cannot_compute_are_refused(change, match):
+    from moe_train.interop.hf_dense import dense_config_from_hf
+
+    with pytest.raises(ValueError, match=match):
+        dense_config_from_hf({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4, **change})

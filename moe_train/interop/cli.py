@@ -1,4 +1,4 @@
-"""`moe-train-convert`: Mixtral (Hugging Face directory) <-> moe_train weights file.
+"""`moe-train-convert`: Hugging Face directory (Mixtral both ways; dense Llama / Mistral in) <-> moe_train weights.
 
     moe-train-convert from-hf SRC_DIR DST.safetensors [--dtype bfloat16]
     moe-train-convert to-hf SRC.safetensors DST_DIR [--max-shard-size 5GB] [--dtype bfloat16]
@@ -18,14 +18,16 @@ from typing import Optional
 import torch
 
 from moe_train.cli_config import run_subcommand
-from moe_train.interop.hf import load_checkpoint_weights, load_mixtral, load_weights, save_mixtral, save_weights
+from moe_train.interop.hf import load_checkpoint_weights, load_weights, save_mixtral, save_weights
+from moe_train.interop.hf_dense import load_hf
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PROG = "moe-train-convert"
 
 
 def from_hf(args: argparse.Namespace) -> None:
-    save_weights(load_mixtral(args.src, dtype=DTYPES.get(args.dtype)), args.dst)
+    """SRC: Mixtral, or a dense Llama / Mistral."""
+    save_weights(load_hf(args.src, dtype=DTYPES.get(args.dtype)), args.dst)
 
 
 def to_hf(args: argparse.Namespace) -> None:
@@ -35,9 +37,11 @@ def to_hf(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description="Convert between Mixtral (HF) and moe_train weights.")
+    parser = argparse.ArgumentParser(prog=PROG, description="Convert between Hugging Face directories (Mixtral; "
+                                                            "from-hf also Llama, Mistral) and moe_train weights.")
     commands = parser.add_subparsers(dest="command", required=True)
-    src_help = {"from-hf": "Mixtral directory (config.json + *.safetensors)", "to-hf": "our NAME.safetensors or a checkpoint directory"}
+    src_help = {"from-hf": "Mixtral, Llama or Mistral directory (config.json + *.safetensors)",
+                "to-hf": "our NAME.safetensors or a checkpoint directory"}
     dst_help = {"from-hf": "our NAME.safetensors (config written to NAME.json)", "to-hf": "Mixtral directory"}
     for name, run in (("from-hf", from_hf), ("to-hf", to_hf)):
         sub = commands.add_parser(name, help=f"{src_help[name]} -> {dst_help[name]}")

@@ -79,5 +79,9 @@ def load_hf(path, device="cpu", dtype: Optional[torch.dtype] = None):
         return load_dense_hf(path, device, dtype)
     if model_type == "mixtral":
         return hf.load_mixtral(path, device, dtype)
-    raise ValueError(f"{str(Path(path) / 'config.json')!r}: model_type={model_type!r} is not supported; allowed: "
-                     f"'mixtral', {', '.join(map(repr, DENSE_TYPES))}")
+    raise unsupported_type(model_type, Path(path) / "config.json")
+
+
+def unsupported_type(model_type, where) -> ValueError:
+    return ValueError(f"{str(where)!r}: model_type={model_type!r} is not supported; allowed: 'mixtral', "
+                      f"{', '.join(map(repr, DENSE_TYPES))}")
