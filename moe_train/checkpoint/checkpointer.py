@@ -66,6 +66,7 @@ SHAPE_FIELDS = {
 
 
 ResumePoint = Optional[tuple[Path, dict]]  # (checkpoint directory, its verified manifest), or None
+ASK_NOW = object()  # Checkpointer.resume's default: choose the checkpoint when called
 
 
 def find_resume_point(cfg: CheckpointConfig, run_dir: Path, distributed: bool,
@@ -90,10 +91,10 @@ class Checkpointer:
         return manager.save(self.root, save_request(parts), parts.ctx.rank, parts.ctx.groups is not None,
                             self.cfg.keep_last)
 
-    def resume(self, chosen: ResumePoint = None) -> bool:
-        """Collective: load `chosen` (find_resume_point's answer; by default asked now) into the parts; False if
-        there is none."""
-        if chosen is None:
+    def resume(self, chosen: Any = ASK_NOW) -> bool:
+        """Collective: load `chosen` (find_resume_point's answer, None for none; by default asked now) into the
+        parts; False if there is none."""
+        if chosen is ASK_NOW:
             chosen = find_resume_point(self.cfg, self.root.parent, self.parts.ctx.groups is not None, self.say)
         if chosen is None:
             return False
