@@ -22,7 +22,7 @@ everything else frozen ("freeze non-MoE"), and moe.expert_dropout=0.4. Reported:
 best over the run, the training-records loss (eval mode, same number of batches) and their gap (held-out - train)
 as the overfitting measure.
 
-Run (about 25 minutes on 2 CPU cores):
+Run (about 40 minutes on 2 CPU cores):
     python bench/finetune.py --json bench/results/finetune.json --out bench/results/finetune.md \
         --plot docs/img/finetune.png
 Quick check (a minute): python bench/finetune.py --quick
@@ -67,6 +67,7 @@ class Settings:
     lr_low: float
     lr_high: float
     shape: list[str]
+    extra_lr: Optional[float] = None  # peak LR of (a)'s extra arms (None: the pre-training default, 3e-3)
 
 
 # -- one training run -----------------------------------------------------------------------------------------------
@@ -120,10 +121,12 @@ def common(s: Settings, steps: int) -> list[str]:
 
 def upcycling(s: Settings, work: Path) -> dict:
     dense = run("dense_pretrain", ["model=tiny_dense", *common(s, s.pretrain)], work)
-    source = f"init.from={dense['weights']}"
+    extra = [f"init.from={dense['weights']}"]
+    if s.extra_lr is not None:  # the extra arms restart from a converged model: a lower peak than pre-training's
+        extra += [f"optim.lr={s.extra_lr}", f"optim.min_lr={s.extra_lr / 10}"]
     arms = {
-        "dense_continued": ["model=tiny_dense", *common(s, s.extra), source],
-        "upcycled": [*common(s, s.extra), source, "init.upcycle=true", "init.upcycle_granularity=2"],
+        "dense_continued": ["model=tiny_dense", *common(s, s.extra), *extra],
+        "upcycled": [*common(s, s.extra), *extra, "init.upcycle=true", "init.upcycle_granularity=2"],
         "moe_scratch": common(s, s.pretrain + s.extra),
     }
     return {"dense_pretrain": dense, **{name: run(name, args, work) for name, args in arms.items()}}
@@ -182,9 +185,11 @@ def finetuning_table(r: dict) -> list[str]:
 
 
 def report(results: dict, s: Settings, command: str) -> str:
-    parts = [f"Command: `{command}`", "", "(a) Sparse upcycling at equal extra compute", "",
-             *upcycling_table(results["upcycling"], s), "", "(b) Fine-tuning on the instruction set", "",
-             *finetuning_table(results["finetuning"])]
+    parts = [f"Command: `{command}`"]
+    if "upcycling" in results:
+        parts += ["", "(a) Sparse upcycling at equal extra compute", "", *upcycling_table(results["upcycling"], s)]
+    if "finetuning" in results:
+        parts += ["", "(b) Fine-tuning on the instruction set", "", *finetuning_table(results["finetuning"])]
     return "\n".join(parts) + "\n"
 
 
@@ -194,33 +199,63 @@ def plot(results: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    up = results["upcycling"]
-    offset = up["dense_pretrain"]["val_loss"]
-    pre = max(offset)
-    left.plot(list(offset), list(offset.values()), "k.-", label="dense pre-training")
-    for name, shift in (("dense_continued", pre), ("upcycled", pre), ("moe_scratch", 0)):
-        curve = up[name]["val_loss"]
-        left.plot([k + shift for k in curve], list(curve.values()), "o-", label=name)
-    left.set(xlabel="step (extra arms start after pre-training)", ylabel="validation loss (nats/byte)",
-             title="(a) upcycling vs continued dense vs MoE from scratch")
-    left.legend(), left.grid(alpha=0.3)
-    for name, res in results["finetuning"].items():
-        if "gap" in res:
-            curve = res["val_loss"]
-            right.plot(list(curve), list(curve.values()), "-" if name.startswith("moe") else "--", label=name)
-    right.set(xlabel="fine-tuning step", ylabel="held-out loss (response tokens)", title="(b) fine-tuning")
-    right.legend(fontsize=7), right.grid(alpha=0.3)
+    parts = [key for key in ("upcycling", "finetuning") if key in results]
+    fig, axes = plt.subplots(1, len(parts), figsize=(6 * len(parts), 4.5), squeeze=False)
+    for ax, part in zip(axes[0], parts):
+        (plot_upcycling if part == "upcycling" else plot_finetuning)(ax, results[part])
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def _curve(res: dict, shift: int = 0) -> tuple[list[int], list[float]]:
+    """(steps, val losses) of a JSON result (its keys are strings), with the step-0 evaluation when there is one."""
+    points = sorted((int(k) + shift, v) for k, v in res["val_loss"].items())
+    if res.get("step0_val") is not None:
+        points.insert(0, (shift, res["step0_val"]))
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def plot_upcycling(ax, up: dict) -> None:
+    pre = max(int(k) for k in up["dense_pretrain"]["val_loss"])
+    ax.plot(*_curve(up["dense_pretrain"]), "k.-", label="dense pre-training")
+    for name, shift in (("dense_continued", pre), ("upcycled", pre), ("moe_scratch", 0)):
+        ax.plot(*_curve(up[name], shift), "o-", ms=4, label=name)
+    ax.set(xlabel="step (the extra arms start after pre-training)", ylabel="validation loss (nats/byte)",
+           title="(a) upcycling vs continued dense vs MoE from scratch")
+    ax.set_ylim(top=min(ax.get_ylim()[1], 0.8))
+    ax.legend(), ax.grid(alpha=0.3)
+
+
+def plot_finetuning(ax, arms: dict) -> None:
+    import matplotlib.pyplot as plt
+
+    colors = plt.get_cmap("tab20").colors
+    for i, (name, res) in enumerate(name_res for name_res in arms.items() if "gap" in name_res[1]):
+        ax.plot(*_curve(res), "-" if name.startswith("moe") else "--", color=colors[i % 20], label=name)
+    ax.set(xlabel="fine-tuning step", ylabel="held-out loss (response tokens)", title="(b) fine-tuning")
+    ax.set_ylim(top=1.4)  # the pre-trained models start near 7 on the instruction format
+    ax.legend(fontsize=7), ax.grid(alpha=0.3)
 
 
 def settings(args) -> Settings:
     if args.quick:
         return Settings(pretrain=20, extra=20, finetune=10, eval_every=10, records=1000, lr_low=3e-4, lr_high=1e-3,
-                        shape=QUICK_SHAPE)
+                        shape=QUICK_SHAPE, extra_lr=args.extra_lr)
     return Settings(args.pretrain, args.extra, args.finetune, args.eval_every, args.records, args.lr_low,
-                    args.lr_high, [])
+                    args.lr_high, [], args.extra_lr)
+
+
+def run_parts(s: Settings, parts: str, work: Path) -> dict:
+    """(a) and/or (b); (b) needs (a)'s dense pre-training, run alone when (a) is not asked for."""
+    results: dict = {"settings": vars(s)}
+    if "a" in parts:
+        results["upcycling"] = upcycling(s, work)
+        dense = results["upcycling"]["dense_pretrain"]
+    elif "b" in parts:
+        dense = run("dense_pretrain", ["model=tiny_dense", *common(s, s.pretrain)], work)
+    if "b" in parts:
+        results["finetuning"] = finetuning(s, work, dense["weights"])
+    return results
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
@@ -232,15 +267,20 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--records", type=int, default=1000)
     parser.add_argument("--lr-low", type=float, default=3e-4)
     parser.add_argument("--lr-high", type=float, default=1e-3)
+    parser.add_argument("--extra-lr", type=float, default=None,
+                        help="peak LR of (a)'s extra arms (default: pre-training's 3e-3)")
+    parser.add_argument("--parts", default="ab", help="'a' (upcycling), 'b' (fine-tuning) or 'ab'")
     parser.add_argument("--quick", action="store_true", help="toy sizes, for a smoke test")
     parser.add_argument("--json"), parser.add_argument("--out"), parser.add_argument("--plot")
+    parser.add_argument("--replot", metavar="JSON", help="only redraw --plot from a --json file of an earlier run")
     args = parser.parse_args(argv)
+    if args.replot:
+        results = json.loads(Path(args.replot).read_text())
+        plot(results, args.plot)
+        return results
     s = settings(args)
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        up = upcycling(s, work)
-        tuned = finetuning(s, work, up["dense_pretrain"]["weights"])
-        results = {"settings": vars(s), "upcycling": up, "finetuning": tuned}
+        results = run_parts(s, args.parts, Path(tmp))
     text = report(results, s, "python bench/finetune.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     print(text)
     for path, content in ((args.json, json.dumps(results, indent=1)), (args.out, text)):
