@@ -74,7 +74,7 @@ def evaluate(source: WeightSource, cfg: Config, say=print) -> dict:
     data = build_data(cfg.data, t.seq_len, micro, val_batches=t.eval_batches, say=say)
     batches = list(data.val)[:run_batches(len(data.val), dp)]
     model = build_model(cfg.model, cfg.moe, device, seed=t.seed)
-    load_from_source(model, source, init_config(source.path), t.seed, say)
+    load_from_source(model, source, init_config(source.path), t.seed, lambda message: None)  # said by main
     model.eval()
     forward = lambda inputs: model(inputs.to(device), return_aux=True)  # noqa: E731
     start = time.perf_counter()

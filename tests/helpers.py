@@ -57,6 +57,7 @@ def load_bench_script(name: str):
         sys.path.insert(0, str(bench_dir))
     spec = importlib.util.spec_from_file_location(name, bench_dir / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses with string annotations look their module up there
     spec.loader.exec_module(module)
     return module
 
