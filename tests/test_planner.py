@@ -3,6 +3,7 @@ at launch, the dry run's rank roles and checkpoint coverage; predictions against
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -154,3 +155,20 @@ def test_predicted_peak_within_10_percent_of_measured_on_cpu():
     for name in ("1 rank, local", "2 ranks, ep 2, FSDP2, AC full", "4 ranks, ep 2 x tp 2, AC selective"):
         row = bench.run_layout(name, steps=2)
         assert 0.9 <= row["predicted"] / row["measured"] <= 1.1, row
+
+
+def test_frozen_parameters_take_no_gradient_or_optimizer_bytes():
+    frozen = dataclasses.replace(PARAMS, frozen_expert=3000)  # experts 4000 -> 1000 trainable
+    for layout in (StateLayout(), StateLayout(zero_stage=2), StateLayout(fsdp=True)):
+        full, part = state_bytes(PARAMS, layout, dp=4, edp=2), state_bytes(frozen, layout, dp=4, edp=2)
+        assert part.param_bytes == full.param_bytes and part.params == full.params
+        assert part.optimizer_bytes < full.optimizer_bytes and part.grad_bytes < full.grad_bytes
+    local = state_bytes(frozen, StateLayout(), dp=1, edp=1)
+    assert (local.grad_bytes, local.optimizer_bytes) == (4 * 2000, 8 * 2000)
+
+
+def test_plan_counts_finetune_freeze():
+    full = plan_json(*TINY, "--world", "1", "--device", "cpu")["per_rank"]
+    frozen = plan_json(*TINY, "finetune.freeze=[experts]", "--world", "1", "--device", "cpu")["per_rank"]
+    assert frozen["param_bytes"] == full["param_bytes"]
+    assert frozen["optimizer_bytes"] < full["optimizer_bytes"] / 2 and frozen["grad_bytes"] < full["grad_bytes"] / 2

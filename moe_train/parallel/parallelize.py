@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moe_train.config.schema import Config
+from moe_train.models.param_groups import freeze
 from moe_train.models.shard_spec import shard_specs
 from moe_train.parallel.activation_checkpoint import apply_ac
 from moe_train.parallel.compile import apply_compile
@@ -32,6 +33,13 @@ def parallelize(model: nn.Module, ctx: ParallelContext, cfg: Config, counter: Co
 
         apply_fsdp(model, ctx, cfg.train.mixed_precision == "bf16", cfg.fsdp.reshard_after_forward,
                    sum_only=dist.get_backend() == "gloo")
+
+
+def shard_for_training(model: nn.Module, ctx: ParallelContext, cfg: Config, counter: CommCounter) -> None:
+    """What the Trainer does to the meta model before allocating it: finetune.freeze (before FSDP2 and ZeRO record
+    which parameters train), then `parallelize`. The planner's profile and dry run do the same."""
+    freeze(model, cfg.finetune.freeze)
+    parallelize(model, ctx, cfg, counter)  # collective under FSDP (mesh look-ups)
 
 
 def full_state_dict(model: nn.Module, ctx: ParallelContext) -> dict:

@@ -30,7 +30,7 @@ from moe_train.config.parallel import ParallelDims
 from moe_train.config.schema import Config
 from moe_train.models.transformer import Transformer, build_model
 from moe_train.parallel.expert_parallel import CommCounter
-from moe_train.parallel.parallelize import parallelize
+from moe_train.parallel.parallelize import shard_for_training
 from moe_train.planner.plan import micro_batch_size
 from moe_train.planner.profile import fake_world, micro_batch_loss
 from moe_train.training.engine import build_engine
@@ -87,7 +87,7 @@ def rehearse(cfg: Config, dims: ParallelDims, rank: int) -> RoleReport:
     start = time.perf_counter()
     counter = CommCounter()
     with fake_world(rank, dims.world_size, dims) as ctx:
-        model = build_model(cfg.model, cfg.moe, "meta", shard=lambda m: parallelize(m, ctx, cfg, counter))
+        model = build_model(cfg.model, cfg.moe, "meta", shard=lambda m: shard_for_training(m, ctx, cfg, counter))
         with FakeTensorMode(allow_non_fake_inputs=True):
             model.to_empty(device="cpu")
             engine = build_engine(model, cfg, ctx, torch.device("cpu"), micro_batch_size(cfg, dims))

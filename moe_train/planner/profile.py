@@ -18,7 +18,7 @@ import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -29,6 +29,7 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 from moe_train.config.parallel import ParallelDims
 from moe_train.config.schema import Config
 from moe_train.models.moe.layer import MoELayer
+from moe_train.models.param_groups import param_group
 from moe_train.models.transformer import Transformer, build_model
 from moe_train.parallel.context import ParallelContext
 from moe_train.parallel.expert_parallel import CommCounter
@@ -62,11 +63,15 @@ def fake_world(rank: int, world: int, dims: ParallelDims) -> Iterator[ParallelCo
         dist.destroy_process_group()
 
 
-def count_rank_params(model: Transformer) -> RankParams:
-    """Element counts of this rank's part (its shard specs: the shapes parallelize cut)."""
+def count_rank_params(model: Transformer, frozen_groups: Sequence[str] = ()) -> RankParams:
+    """Element counts of this rank's part (its shard specs: the shapes parallelize cut), and of the part that
+    finetune.freeze's `frozen_groups` freeze."""
     specs = model.shard_specs
     size = {name: math.prod(spec.shape) for name, spec in specs.items()}
     expert = sum(n for name, n in size.items() if specs[name].expert)
+    frozen = {name for name in specs if param_group(name) in frozen_groups}
+    frozen_expert = sum(size[name] for name in frozen if specs[name].expert)
+    frozen_dense = sum(size[name] for name in frozen) - frozen_expert
 
     def under(prefix: str) -> int:
         return sum(n for name, n in size.items() if name.startswith(prefix + "."))
@@ -74,7 +79,8 @@ def count_rank_params(model: Transformer) -> RankParams:
     blocks = [under(f"layers.{i}") for i in range(len(model.layers))]
     moe = [under(f"layers.{i}.moe") for i, layer in enumerate(model.layers) if isinstance(layer.moe, MoELayer)]
     root = sum(size.values()) - sum(blocks)
-    return RankParams(sum(size.values()) - expert, expert, max(blocks), max(moe or blocks), root)
+    return RankParams(sum(size.values()) - expert, expert, max(blocks), max(moe or blocks), root, frozen_dense,
+                      frozen_expert)
 
 
 def profile_step(cfg: Config, ctx: ParallelContext, micro_batch: int, weights_bf16: bool = False) -> StepProfile:
@@ -88,7 +94,9 @@ def profile_step(cfg: Config, ctx: ParallelContext, micro_batch: int, weights_bf
     # tensors and fail; build_model keeps the router float32, as FSDP2 gathers it).
     model = build_model(cfg.model, cfg.moe, "meta", dtype=torch.bfloat16 if weights_bf16 else None,
                         shard=lambda m: parallelize(m, ctx, cfg, counter))
-    params = count_rank_params(model)
+    # Not frozen here: MemTracker hooks every parameter's gradient. The frozen part is counted by name; the state
+    # arithmetic leaves its gradients and optimizer state out, the measured gradient fraction covers all.
+    params = count_rank_params(model, cfg.finetune.freeze)
     with FakeTensorMode(allow_non_fake_inputs=True):
         model.to_empty(device="cpu")
         peak = tracked_peak(model, cfg, micro_batch)

@@ -22,7 +22,7 @@ largest leaf module (a whole MoE layer: DeepSpeed's advice for MoE) and the pref
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 FP32 = 4
 ADAM_BYTES = 2 * FP32  # exp_avg and exp_avg_sq
@@ -38,10 +38,17 @@ class RankParams:
     largest_block: int  # one transformer block (its experts included): the largest FSDP2 unit
     largest_leaf: int  # ZeRO 3's largest gathered module: a block's dense part plus its whole MoE layer
     root: int  # embeddings, final norm, LM head: FSDP2's root unit, kept gathered through the step
+    frozen_dense: int = 0  # of `dense`, frozen by finetune.freeze: no gradient, no optimizer state
+    frozen_expert: int = 0  # of `expert`, frozen
 
     @property
     def total(self) -> int:
         return self.dense + self.expert
+
+    def trainable(self) -> "RankParams":
+        """The parameters that get gradients and optimizer state."""
+        return replace(self, dense=self.dense - self.frozen_dense, expert=self.expert - self.frozen_expert,
+                       frozen_dense=0, frozen_expert=0)
 
 
 @dataclass(frozen=True)
@@ -78,31 +85,34 @@ def sharded(p: RankParams, dp: int, edp: int) -> int:
 
 
 def state_bytes(p: RankParams, engine: StateLayout, dp: int, edp: int) -> StateBytes:
-    part = sharded(p, dp, edp)
+    """Parameters as stored; gradients and optimizer state of the trainable ones only (finetune.freeze)."""
+    part, trained = sharded(p, dp, edp), p.trainable()
+    trained_part = sharded(trained, dp, edp)
     if engine.fsdp:
-        return fsdp_states(p, engine, part)
+        return fsdp_states(p, engine, part, trained_part)
     if engine.zero_stage >= 1:
-        return zero_states(p, engine, part)
-    temp = 0 if engine.fused_optimizer else FP32 * p.total
-    return StateBytes(p.total, FP32 * p.total, FP32 * p.total, ADAM_BYTES * p.total, temp)
+        return zero_states(p, engine, part, trained.total, trained_part)
+    temp = 0 if engine.fused_optimizer else FP32 * trained.total
+    return StateBytes(p.total, FP32 * p.total, FP32 * trained.total, ADAM_BYTES * trained.total, temp)
 
 
-def zero_states(p: RankParams, engine: StateLayout, part: int) -> StateBytes:
+def zero_states(p: RankParams, engine: StateLayout, part: int, trained: int, trained_part: int) -> StateBytes:
     stage = engine.zero_stage
-    bucket = FP32 * min(engine.reduce_bucket_size, p.total)
+    bucket = FP32 * min(engine.reduce_bucket_size, trained)
     if stage == 3:
         gathered = FP32 * (p.largest_leaf + ZERO3_PREFETCH_ELEMENTS)
         params, param_bytes = part, FP32 * part + gathered
     else:
         params, param_bytes = p.total, FP32 * p.total
-    grads = FP32 * (p.total if stage == 1 else 0) + FP32 * part + (bucket if stage >= 2 else 0)
-    return StateBytes(params, param_bytes, grads, (FP32 + ADAM_BYTES) * part, 0)
+    grads = FP32 * (trained if stage == 1 else 0) + FP32 * trained_part + (bucket if stage >= 2 else 0)
+    return StateBytes(params, param_bytes, grads, (FP32 + ADAM_BYTES) * trained_part, 0)
 
 
-def fsdp_states(p: RankParams, engine: StateLayout, part: int) -> StateBytes:
+def fsdp_states(p: RankParams, engine: StateLayout, part: int, trained_part: int) -> StateBytes:
     gather_bytes = 2 if engine.bf16 else FP32
     units = p.total - p.root if not engine.reshard_after_forward else 2 * p.largest_block
     gathered = gather_bytes * (units + p.root)
-    unsharded_grads = FP32 * p.largest_block  # a unit's gradients before its reduce-scatter
-    temp = 0 if engine.fused_optimizer else FP32 * part
-    return StateBytes(part, FP32 * part + gathered, FP32 * part + unsharded_grads, ADAM_BYTES * part, temp)
+    unsharded_grads = FP32 * p.largest_block  # a unit's gradients before its reduce-scatter (frozen or not)
+    temp = 0 if engine.fused_optimizer else FP32 * trained_part
+    return StateBytes(part, FP32 * part + gathered, FP32 * trained_part + unsharded_grads,
+                      ADAM_BYTES * trained_part, temp)

@@ -23,11 +23,10 @@ from moe_train.data import DataBundle, build_data
 from moe_train.data.chat import IGNORE_INDEX
 from moe_train.data.device import DevicePrefetcher
 from moe_train.interop.initial import load_initial_weights
-from moe_train.models.param_groups import freeze
 from moe_train.models.transformer import Transformer, build_model
 from moe_train.parallel.context import ParallelContext
 from moe_train.parallel.expert_parallel import CommCounter
-from moe_train.parallel.parallelize import parallelize
+from moe_train.parallel.parallelize import shard_for_training
 from moe_train.training.loggers import Console, MetricsFile, Progress, build_logger
 from moe_train.training.moe_stats import MoEStatsAccumulator
 from moe_train.training.engine import Engine, build_engine
@@ -148,8 +147,7 @@ class Trainer:
                              f"data.tokenizer={self.cfg.data.tokenizer!r} ({self.data.vocab_size} tokens)")
 
         def shard(model: Transformer) -> None:
-            freeze(model, self.cfg.finetune.freeze)  # before FSDP2 and ZeRO record which parameters train
-            parallelize(model, self.ctx, self.cfg, self.comm)  # collective under FSDP (mesh look-ups)
+            shard_for_training(model, self.ctx, self.cfg, self.comm)  # freeze, parallelize: collective under FSDP
 
         return build_model(self.cfg.model, self.cfg.moe, self.device, seed=self.cfg.train.seed, shard=shard)
 
