@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from moe_train.config.checkpoint import CheckpointConfig, validate_checkpoint_config
 from moe_train.config.data import DataConfig, validate_data_config
+from moe_train.config.distill import DistillConfig, validate_distill_config
 from moe_train.config.finetune import FinetuneConfig, validate_finetune_config
 from moe_train.config.fsdp import FSDPConfig, validate_fsdp_config
 from moe_train.config.init import InitConfig, validate_init_config
@@ -35,6 +36,7 @@ class Config:
     fsdp: FSDPConfig = field(default_factory=FSDPConfig)
     init: InitConfig = field(default_factory=InitConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 def validate_config(cfg: Config, world_size: int = 1) -> ParallelDims:
@@ -52,6 +54,7 @@ def validate_config(cfg: Config, world_size: int = 1) -> ParallelDims:
     validate_fsdp_config(cfg.fsdp, cfg.zero.stage, world_size)
     validate_init_config(cfg.init, cfg.model.moe_every, cfg.moe)
     validate_finetune_config(cfg.finetune, cfg.model.tie_embeddings)
+    validate_distill_config(cfg.distill)
     dims = resolve_dims(cfg.parallel, world_size, cfg.model, cfg.moe)
     validate_cross(cfg, dims)
     return dims

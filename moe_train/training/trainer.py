@@ -28,6 +28,7 @@ from moe_train.parallel.context import ParallelContext
 from moe_train.parallel.expert_parallel import CommCounter
 from moe_train.parallel.parallelize import shard_for_training
 from moe_train.training.loggers import Console, MetricsFile, Progress, build_logger
+from moe_train.training.distill import Teacher, distill_kl
 from moe_train.training.moe_stats import MoEStatsAccumulator
 from moe_train.training.engine import Engine, build_engine
 
@@ -96,6 +97,7 @@ class Trainer:
                                          self.console.print0)  # collective when distributed
         self.model = self.build_model()
         self.load_initial_weights(resume_point)
+        self.teacher = self.build_teacher()
         self.description = self.describe_model()  # before ZeRO-3 partitions the parameters
         self.engine = self.build_engine()  # collective when distributed
         self.stats = MoEStatsAccumulator(self.model)
@@ -163,6 +165,13 @@ class Trainer:
         load_initial_weights(self.model, self.cfg.init, self.cfg.train.seed, self.ctx.groups is not None,
                              self.console.print0)  # collective when distributed and the source is a checkpoint
 
+    def build_teacher(self) -> Optional[Teacher]:
+        """distill.teacher: a frozen model on this device (whole on every rank), or None."""
+        if self.cfg.distill.teacher is None:
+            return None
+        return Teacher(self.cfg.distill, self.cfg.model.vocab_size, self.device, self.cfg.train.seed,
+                       self.console.print0)
+
     def build_engine(self) -> Engine:
         return build_engine(self.model, self.cfg, self.ctx, self.device, self.micro_batch_size)
 
@@ -180,9 +189,22 @@ class Trainer:
         return autocast_for(self.device, self.cfg.train.mixed_precision)
 
     def forward_loss(self, inputs, targets) -> tuple[torch.Tensor, torch.Tensor]:
-        """(LM cross-entropy, scaled MoE aux + z loss) of one micro-batch."""
+        """(LM cross-entropy, the rest of the objective) of one micro-batch; their sum is what backward gets. The
+        rest: the scaled MoE aux + z loss, and under distillation (alpha - 1) x CE + (1 - alpha) x T^2 x KL, so that
+        the sum is the distillation loss while the logged loss stays the cross-entropy."""
         logits, aux_loss = self.forward_logits(inputs)
-        return lm_loss(logits, targets.to(self.device, non_blocking=True)), aux_loss
+        targets = targets.to(self.device, non_blocking=True)
+        ce = lm_loss(logits, targets)
+        if self.teacher is None:
+            return ce, aux_loss
+        return ce, aux_loss + self.distill_term(inputs, logits, targets, ce)
+
+    def distill_term(self, inputs, logits, targets, ce) -> torch.Tensor:
+        d = self.cfg.distill
+        with self.autocast():
+            teacher_logits = self.teacher.logits(inputs.to(self.device, non_blocking=True))
+        kl = distill_kl(logits, teacher_logits, targets != IGNORE_INDEX, d.temperature)
+        return (d.alpha - 1) * ce + (1 - d.alpha) * kl
 
     def forward_logits(self, inputs) -> tuple[torch.Tensor, torch.Tensor]:
         with self.autocast():
