@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from moe_train.checkpoint.checkpointer import Checkpointer
+from moe_train.checkpoint.checkpointer import Checkpointer, find_resume_point
 from moe_train.cli_config import compose_config
 from moe_train.config import validate_config
 from moe_train.models.params import count_parameters
@@ -60,7 +60,8 @@ def measure(model: str, repeats: int) -> dict:
         size = sum(f.stat().st_size for f in paths[-1].iterdir())
         loader = Checkpointer(dataclasses.replace(trainer.cfg.checkpoint, resume=str(paths[-1])), run_dir,
                               trainer.checkpointer.parts, trainer.console.print0)
-        loads = [timed(loader.resume) for _ in range(repeats)]
+        loads = [timed(lambda: loader.resume(find_resume_point(loader.cfg, run_dir, False, print)))
+                 for _ in range(repeats)]  # verification (SHA-256 of every file) included, as at launch
         params = count_parameters(trainer.model).total
     return {"model": model, "params": params, "bytes": size, "save_s": statistics.median(saves),
             "load_s": statistics.median(loads)}

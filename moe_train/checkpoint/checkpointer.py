@@ -66,7 +66,6 @@ SHAPE_FIELDS = {
 
 
 ResumePoint = Optional[tuple[Path, dict]]  # (checkpoint directory, its verified manifest), or None
-ASK_NOW = object()  # Checkpointer.resume's default: choose the checkpoint when called
 
 
 def find_resume_point(cfg: CheckpointConfig, run_dir: Path, distributed: bool,
@@ -91,11 +90,8 @@ class Checkpointer:
         return manager.save(self.root, save_request(parts), parts.ctx.rank, parts.ctx.groups is not None,
                             self.cfg.keep_last)
 
-    def resume(self, chosen: Any = ASK_NOW) -> bool:
-        """Collective: load `chosen` (find_resume_point's answer, None for none; by default asked now) into the
-        parts; False if there is none."""
-        if chosen is ASK_NOW:
-            chosen = find_resume_point(self.cfg, self.root.parent, self.parts.ctx.groups is not None, self.say)
+    def resume(self, chosen: ResumePoint) -> bool:
+        """Collective: load `chosen` (find_resume_point's answer) into the parts; False if it is None."""
         if chosen is None:
             return False
         directory, manifest = chosen

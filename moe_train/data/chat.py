@@ -20,7 +20,6 @@ resamples the training records only (with replacement, seeded by data.seed).
 from __future__ import annotations
 
 import json
-import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,6 +201,3 @@ def chat_streams(cfg: DataConfig, tokenizer, say=print) -> tuple[torch.Tensor, t
     train = mix_tasks(train, dict(cfg.task_weights), cfg.seed)
     return (*encode_conversations(train, tokenizer), *encode_conversations(val, tokenizer))
 
-
-def masked_fraction(labels: torch.Tensor) -> float:
-    return float((labels == IGNORE_INDEX).float().mean()) if labels.numel() else math.nan

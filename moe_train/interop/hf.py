@@ -100,8 +100,13 @@ def hf_family(hf_config: dict, allowed: tuple[str, ...] = ("mixtral",)) -> tuple
     return HF_FAMILIES[model_type]
 
 
+def _family(hf_config: dict) -> tuple[str, dict]:
+    """(name, defaults) of the config's model_type; Mixtral's for others (config_from_hf checks the type first)."""
+    return HF_FAMILIES.get(hf_config.get("model_type"), HF_FAMILIES["mixtral"])
+
+
 def hf_value(hf_config: dict, key: str):
-    name, defaults = HF_FAMILIES.get(hf_config.get("model_type"), HF_FAMILIES["mixtral"])
+    name, defaults = _family(hf_config)
     value = hf_config.get(key, defaults.get(key))
     if key == "num_key_value_heads" and value is None:  # HF: None means multi-head attention
         return hf_value(hf_config, "num_attention_heads")
@@ -111,7 +116,7 @@ def hf_value(hf_config: dict, key: str):
 
 
 def _family_name(hf_config: dict) -> str:
-    return HF_FAMILIES.get(hf_config.get("model_type"), HF_FAMILIES["mixtral"])[0]
+    return _family(hf_config)[0]
 
 
 def _rope_section(hf_config: dict) -> tuple[str, dict]:

@@ -56,32 +56,24 @@ def checked_dense_recipes(keys, model_cfg: ModelConfig) -> dict:
     return recipes
 
 
-def load_dense_hf(path, device="cpu", dtype: Optional[torch.dtype] = None):
-    """Our dense Transformer (eval mode) from a Llama or Mistral directory (config.json + safetensors)."""
-    hf_config, files = hf.read_hf_dir(path)
-    model_cfg, moe_cfg = dense_config_from_hf(hf_config)
-    reader = hf.SafetensorsReader(files, device=str(torch.device(device)))
-    recipes = checked_dense_recipes(reader.keys(), model_cfg)
-    model = hf.empty_model(model_cfg, moe_cfg, device, hf.load_dtype(dtype, reader, "model.embed_tokens.weight"))
-    return hf.fill_model(model, recipes, reader.get)
-
-
-def hf_model_type(path) -> str:
-    """The model_type in PATH/config.json (ValueError if there is no readable config.json)."""
-    hf_config, _ = hf.read_hf_dir(Path(path))
-    return hf_config.get("model_type")
+def hf_layout(hf_config: dict, keys, where) -> tuple[ModelConfig, MoEConfig, dict]:
+    """(ModelConfig, MoEConfig, recipes by our parameter name) of any supported HF checkpoint: Mixtral, or dense
+    Llama / Mistral; `keys` are its tensor names (checked), `where` names its config.json in errors."""
+    model_type = hf_config.get("model_type")
+    if model_type in DENSE_TYPES:
+        model_cfg, moe_cfg = dense_config_from_hf(hf_config)
+        return model_cfg, moe_cfg, checked_dense_recipes(keys, model_cfg)
+    if model_type == "mixtral":
+        model_cfg, moe_cfg = hf.config_from_hf(hf_config)
+        return model_cfg, moe_cfg, hf.checked_recipes(keys, model_cfg, moe_cfg)
+    raise ValueError(f"{str(where)!r}: model_type={model_type!r} is not supported; allowed: 'mixtral', "
+                     f"{', '.join(map(repr, DENSE_TYPES))}")
 
 
 def load_hf(path, device="cpu", dtype: Optional[torch.dtype] = None):
-    """Our Transformer from any supported HF directory: Mixtral, or dense Llama / Mistral."""
-    model_type = hf_model_type(path)
-    if model_type in DENSE_TYPES:
-        return load_dense_hf(path, device, dtype)
-    if model_type == "mixtral":
-        return hf.load_mixtral(path, device, dtype)
-    raise unsupported_type(model_type, Path(path) / "config.json")
-
-
-def unsupported_type(model_type, where) -> ValueError:
-    return ValueError(f"{str(where)!r}: model_type={model_type!r} is not supported; allowed: 'mixtral', "
-                      f"{', '.join(map(repr, DENSE_TYPES))}")
+    """Our Transformer (eval mode) from any supported HF directory: Mixtral, or dense Llama / Mistral."""
+    hf_config, files = hf.read_hf_dir(path)
+    reader = hf.SafetensorsReader(files, device=str(torch.device(device)))
+    model_cfg, moe_cfg, recipes = hf_layout(hf_config, reader.keys(), Path(path) / "config.json")
+    model = hf.empty_model(model_cfg, moe_cfg, device, hf.load_dtype(dtype, reader, "model.embed_tokens.weight"))
+    return hf.fill_model(model, recipes, reader.get)

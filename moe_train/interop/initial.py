@@ -104,15 +104,7 @@ def checkpoint_source(directory: Path, distributed: bool) -> WeightSource:
 def hf_source(directory: Path) -> WeightSource:
     hf_config, files = hf.read_hf_dir(directory)
     reader = hf.SafetensorsReader(files)
-    model_type = hf_config.get("model_type")
-    if model_type in hf_dense.DENSE_TYPES:
-        model_cfg, moe_cfg = hf_dense.dense_config_from_hf(hf_config)
-        recipes = hf_dense.checked_dense_recipes(reader.keys(), model_cfg)
-    elif model_type == "mixtral":
-        model_cfg, moe_cfg = hf.config_from_hf(hf_config)
-        recipes = hf.checked_recipes(reader.keys(), model_cfg, moe_cfg)
-    else:
-        raise hf_dense.unsupported_type(model_type, directory / "config.json")
+    model_cfg, moe_cfg, recipes = hf_dense.hf_layout(hf_config, reader.keys(), directory / "config.json")
     shapes = {k: tuple(v.shape) for k, v in hf.meta_model(model_cfg, moe_cfg).state_dict().items()}
     dtype = reader.dtype_of("model.embed_tokens.weight")
 

@@ -39,11 +39,11 @@ def param_group(name: str) -> str:
 def freeze(model: nn.Module, groups: list[str]) -> list[str]:
     """requires_grad=False on every parameter of `groups` (validated names); returns the frozen names. A tied LM
     head is the embedding (config validation asks for both groups then)."""
-    frozen = [name for name, p in model.named_parameters() if param_group(name) in groups]
-    if groups and len(frozen) == len(list(model.parameters())):
+    params = dict(model.named_parameters())
+    frozen = [name for name in params if param_group(name) in groups]
+    if groups and len(frozen) == len(params):
         raise ValueError(f"finetune.freeze={list(groups)} freezes every parameter of this model: nothing would "
                          f"train; leave at least one of its groups out")
-    for name, p in model.named_parameters():
-        if name in frozen:
-            p.requires_grad_(False)
+    for name in frozen:
+        params[name].requires_grad_(False)
     return frozen
