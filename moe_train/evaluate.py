@@ -32,9 +32,9 @@ from omegaconf import OmegaConf
 from moe_train.cli_config import compose_config, exit_on_config_error
 from moe_train.config.init import init_config
 from moe_train.config.schema import Config, validate_config
-from moe_train.data import build_data
+from moe_train.data import DataBundle, build_data
 from moe_train.interop.initial import WeightSource, load_from_source, open_source
-from moe_train.models.transformer import build_model
+from moe_train.models.transformer import Transformer, build_model
 from moe_train.training.trainer import autocast_for, loss_sums, resolve_device
 
 PROG = "moe-train-eval"
@@ -65,20 +65,33 @@ def run_batches(total: int, dp: int) -> int:
     return max(total - total % dp, dp)
 
 
+def source_dp(source: WeightSource) -> int:
+    return int((source.layout or {}).get("dp", 1))
+
+
+def source_data(source: WeightSource, cfg: Config, say=print) -> DataBundle:
+    """cfg's data with the micro-batch size of the run that wrote SOURCE (its layout's dp)."""
+    t = cfg.train
+    micro = t.batch_size // (t.grad_accum_steps * source_dp(source))
+    return build_data(cfg.data, t.seq_len, micro, val_batches=t.eval_batches, say=say)
+
+
+def load_model(source: WeightSource, cfg: Config, device: torch.device) -> Transformer:
+    """cfg's model with SOURCE's weights, in eval mode."""
+    model = build_model(cfg.model, cfg.moe, device, seed=cfg.train.seed)
+    load_from_source(model, source, init_config(source.path), cfg.train.seed, lambda message: None)  # said by main
+    return model.eval()
+
+
 def evaluate(source: WeightSource, cfg: Config, say=print) -> dict:
     """{val_loss, perplexity, tokens, tokens_per_s} of SOURCE on cfg's validation batches (one process)."""
-    t = cfg.train
-    dp = int((source.layout or {}).get("dp", 1))
-    micro = t.batch_size // (t.grad_accum_steps * dp)  # the run's micro-batch size
-    device = resolve_device(t.device)
-    data = build_data(cfg.data, t.seq_len, micro, val_batches=t.eval_batches, say=say)
-    batches = list(data.val)[:run_batches(len(data.val), dp)]
-    model = build_model(cfg.model, cfg.moe, device, seed=t.seed)
-    load_from_source(model, source, init_config(source.path), t.seed, lambda message: None)  # said by main
-    model.eval()
+    device = resolve_device(cfg.train.device)
+    data = source_data(source, cfg, say)
+    batches = list(data.val)[:run_batches(len(data.val), source_dp(source))]
+    model = load_model(source, cfg, device)
     forward = lambda inputs: model(inputs.to(device), return_aux=True)  # noqa: E731
     start = time.perf_counter()
-    with autocast_for(device, t.mixed_precision):
+    with autocast_for(device, cfg.train.mixed_precision):
         loss_sum, count = loss_sums(forward, batches, device).tolist()  # host sync: the end of the timed forwards
     seconds = time.perf_counter() - start
     val_loss = loss_sum / max(count, 1.0)

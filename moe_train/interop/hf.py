@@ -574,13 +574,17 @@ def save_weights(model: Transformer, path, state_dict: Optional[dict] = None, la
     """Write our state dict (or `state_dict`, e.g. with sharded experts gathered) to `path` (NAME.safetensors) and
     the configs to NAME.json; `layout` (the run's world_size, dp, ep, tp) lets moe-train-eval rebuild the run's
     validation micro-batches."""
+    write_weights(path, model.cfg, model.moe_cfg, model.state_dict() if state_dict is None else state_dict,
+                  {} if layout is None else {"layout": layout})
+
+
+def write_weights(path, model_cfg: ModelConfig, moe_cfg: MoEConfig, state_dict: dict, extra: dict) -> None:
+    """NAME.safetensors from `state_dict` and NAME.json with the configs plus `extra` keys (layout: the run's
+    world_size, dp, ep, tp; run: the whole Config of the run, for moe-train-eval; provenance such as compression)."""
     weights, sidecar = _weights_paths(path)
     weights.parent.mkdir(parents=True, exist_ok=True)
-    config = {**WEIGHTS_FORMAT, "model": asdict(model.cfg), "moe": asdict(model.moe_cfg)}
-    if layout is not None:
-        config["layout"] = layout
+    config = {**extra, **WEIGHTS_FORMAT, "model": asdict(model_cfg), "moe": asdict(moe_cfg)}
     sidecar.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    state_dict = model.state_dict() if state_dict is None else state_dict
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     save_file(tensors, str(weights), metadata={"format": "pt"})
 

@@ -77,10 +77,18 @@ def weights_file_source(path: Path) -> WeightSource:
     model_cfg, moe_cfg = hf.read_weights_config(path)
     reader = hf.SafetensorsReader([path])
     shapes = {key: tuple(reader.file_of[key].get_slice(key).get_shape()) for key in reader.keys()}
-    run_yaml = path.parent / "config.yaml"  # a run directory's resolved config, beside its weights.safetensors
-    run_config = _load_yaml(run_yaml) if run_yaml.is_file() else None
-    return WeightSource(str(path), "weights file", model_cfg, moe_cfg, shapes, reader.get, run_config,
-                        hf.read_weights_sidecar(path).get("layout"))
+    sidecar = hf.read_weights_sidecar(path)
+    return WeightSource(str(path), "weights file", model_cfg, moe_cfg, shapes, reader.get, run_config_of(path, sidecar),
+                        sidecar.get("layout"))
+
+
+def run_config_of(path: Path, sidecar: dict) -> Optional[dict]:
+    """The run config a weights file carries in its sidecar (written by moe-train-compress), else a run directory's
+    resolved config.yaml beside its weights.safetensors, else None."""
+    if "run" in sidecar:
+        return sidecar["run"]
+    run_yaml = path.parent / "config.yaml"
+    return _load_yaml(run_yaml) if run_yaml.is_file() else None
 
 
 def _load_yaml(path: Path) -> dict:

@@ -1,0 +1,120 @@
+"""`moe-train-compress SOURCE OUT --experts N --method M [--calibration-batches B] [key=value ...] [--json]`: a
+weights file with N experts per MoE layer, pruned or merged from SOURCE's E (moe_train.serving.compress).
+
+    moe-train-compress RUN/weights.safetensors small.safetensors --experts 4 --method prune-reap
+    moe-train-compress RUN/checkpoints small.safetensors --experts 6 --method merge-output-cluster --calibration-batches 32
+    moe-train-eval small.safetensors                       # the same validation batches as the source's run
+    moe-train init.from=small.safetensors moe.num_experts=4 train.max_steps=50   # a healing fine-tune
+    moe-train-convert to-hf small.safetensors small_hf     # a Mixtral with 4 experts
+
+SOURCE is anything moe-train-eval reads; the configuration is found the same way (the source's run config, its
+model, then the overrides). Calibration: the first B micro-batches of the configured *training* stream (never the
+validation batches the result is judged on), run in eval mode. OUT (NAME.safetensors, config NAME.json) carries the
+source run's config with moe.num_experts = N, so moe-train-eval on it evaluates the source run's validation
+batches; the sidecar also records the method and every layer's groups. OUT is never overwritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import itertools
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Optional
+
+from moe_train.cli_config import exit_on_config_error
+from moe_train.config.schema import Config
+from moe_train.evaluate import eval_config, load_model, source_data
+from moe_train.interop.hf import write_weights
+from moe_train.interop.initial import WeightSource, open_source
+from moe_train.serving import compress
+from moe_train.serving.calibrate import calibrate
+from moe_train.training.trainer import resolve_device
+
+PROG = "moe-train-compress"
+
+
+def check_request(source: WeightSource, out: Path, experts: int, method: str, calibration_batches: int) -> None:
+    """Everything about the request that can be wrong, before the model is loaded."""
+    compress.check_method(method)
+    moe_cfg = source.moe_cfg
+    if source.model_cfg.moe_every == 0:
+        raise ValueError(f"{source.path!r} is a dense model (model.moe_every=0): no experts to compress")
+    compress.check_target(moe_cfg.num_experts, moe_cfg.top_k, experts)
+    if calibration_batches < 1:
+        raise ValueError(f"--calibration-batches {calibration_batches}: must be >= 1")
+    if out.suffix != ".safetensors":
+        raise ValueError(f"OUT {str(out)!r} must end in .safetensors (its config goes to NAME.json)")
+    if out.exists() or out.with_suffix(".json").exists():
+        raise ValueError(f"OUT {str(out)!r} (or its .json) already exists; {PROG} never overwrites, choose another")
+
+
+def compressed_run_config(cfg: Config, num_experts: int) -> dict:
+    run = dataclasses.asdict(cfg)
+    run["moe"]["num_experts"] = num_experts
+    return run
+
+
+def compress_source(source: WeightSource, cfg: Config, experts: int, method: str, batches: int) -> tuple[dict, dict]:
+    """(compressed state dict, {layer: [groups]}) of SOURCE."""
+    device = resolve_device(cfg.train.device)
+    model = load_model(source, cfg, device)
+    data = source_data(source, cfg, say=lambda message: None)
+    inputs = (x for x, _ in itertools.islice(iter(data.train), batches))
+    stats = calibrate(model, inputs, device)
+    groups = {layer: compress.layer_groups(method, layer_stats, experts) for layer, layer_stats in stats.items()}
+    return compress.compress_state(model.state_dict(), groups), groups
+
+
+def run(args: argparse.Namespace) -> dict:
+    source = open_source(args.source)
+    out = Path(args.out)
+    check_request(source, out, args.experts, args.method, args.calibration_batches)
+    cfg = eval_config(source, args.overrides)
+    state, groups = compress_source(source, cfg, args.experts, args.method, args.calibration_batches)
+    moe_cfg = dataclasses.replace(cfg.moe, num_experts=args.experts)
+    summary = {"method": args.method, "source": source.path, "num_experts": args.experts,
+               "from_experts": cfg.moe.num_experts, "calibration_batches": args.calibration_batches,
+               "params_before": sum(math.prod(shape) for shape in source.shapes.values()),
+               "params_after": sum(t.numel() for t in state.values()),
+               "groups": {layer: [list(g.members) for g in gs] for layer, gs in groups.items()}}
+    extra = {"run": compressed_run_config(cfg, args.experts), "compression": copy.deepcopy(summary)}
+    if source.layout is not None:
+        extra["layout"] = source.layout
+    write_weights(out, cfg.model, moe_cfg, state, extra)
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Prune or merge the experts of a trained MoE.")
+    parser.add_argument("source", help="weights.safetensors, a checkpoint (step_XXXXXXXX or checkpoints/), or a "
+                                       "Hugging Face Mixtral directory")
+    parser.add_argument("out", help="the compressed NAME.safetensors (its config goes to NAME.json)")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. data.source=text")
+    parser.add_argument("--experts", type=int, required=True, help="N experts per MoE layer (top_k <= N <= E)")
+    parser.add_argument("--method", required=True, choices=compress.METHODS, help="how the experts are chosen")
+    parser.add_argument("--calibration-batches", type=int, default=16,
+                        help="training micro-batches the statistics are measured on (default 16)")
+    parser.add_argument("--json", action="store_true", help="print one JSON summary instead of lines of text")
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
+    with exit_on_config_error(PROG):
+        summary = run(args)
+    if args.json:
+        print(json.dumps(summary))
+        return
+    print(f"{args.out}: {summary['from_experts']} -> {summary['num_experts']} experts per MoE layer by "
+          f"{summary['method']}, {summary['params_before']:,} -> {summary['params_after']:,} parameters")
+    for layer, layer_groups in summary["groups"].items():
+        print(f"  {layer}: " + " ".join("+".join(map(str, g)) for g in layer_groups))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
