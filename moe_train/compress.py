@@ -28,7 +28,7 @@ from typing import Optional
 
 from moe_train.cli_config import exit_on_config_error
 from moe_train.config.schema import Config
-from moe_train.evaluate import eval_config, load_model, source_data
+from moe_train.evaluate import check_new_weights_path, eval_config, load_model, run_record, source_data
 from moe_train.interop.hf import write_weights
 from moe_train.interop.initial import WeightSource, open_source
 from moe_train.serving import compress
@@ -47,16 +47,7 @@ def check_request(source: WeightSource, out: Path, experts: int, method: str, ca
     compress.check_target(moe_cfg.num_experts, moe_cfg.top_k, experts)
     if calibration_batches < 1:
         raise ValueError(f"--calibration-batches {calibration_batches}: must be >= 1")
-    if out.suffix != ".safetensors":
-        raise ValueError(f"OUT {str(out)!r} must end in .safetensors (its config goes to NAME.json)")
-    if out.exists() or out.with_suffix(".json").exists():
-        raise ValueError(f"OUT {str(out)!r} (or its .json) already exists; {PROG} never overwrites, choose another")
-
-
-def compressed_run_config(cfg: Config, num_experts: int) -> dict:
-    run = dataclasses.asdict(cfg)
-    run["moe"]["num_experts"] = num_experts
-    return run
+    check_new_weights_path(out, PROG)
 
 
 def compress_source(source: WeightSource, cfg: Config, experts: int, method: str, batches: int) -> tuple[dict, dict]:
@@ -82,10 +73,9 @@ def run(args: argparse.Namespace) -> dict:
                "params_before": sum(math.prod(shape) for shape in source.shapes.values()),
                "params_after": sum(t.numel() for t in state.values()),
                "groups": {layer: [list(g.members) for g in gs] for layer, gs in groups.items()}}
-    extra = {"run": compressed_run_config(cfg, args.experts), "compression": copy.deepcopy(summary)}
-    if source.layout is not None:
-        extra["layout"] = source.layout
-    write_weights(out, cfg.model, moe_cfg, state, extra)
+    record = run_record(source, cfg)
+    record["run"]["moe"]["num_experts"] = args.experts
+    write_weights(out, cfg.model, moe_cfg, state, {**record, "compression": copy.deepcopy(summary)})
     return summary
 
 
@@ -104,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     with exit_on_config_error(PROG):
         summary = run(args)
     if args.json:

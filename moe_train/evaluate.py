@@ -24,6 +24,7 @@ import json
 import math
 import sys
 import time
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -35,6 +36,8 @@ from moe_train.config.schema import Config, validate_config
 from moe_train.data import DataBundle, build_data
 from moe_train.interop.initial import WeightSource, load_from_source, open_source
 from moe_train.models.transformer import Transformer, build_model
+from moe_train.interop.hf import write_weights
+from moe_train.serving.quantize import INT4_GROUP_SIZES, MODES, check_quantization, export_state, quantize_experts
 from moe_train.training.trainer import autocast_for, loss_sums, resolve_device
 
 PROG = "moe-train-eval"
@@ -65,6 +68,24 @@ def run_batches(total: int, dp: int) -> int:
     return max(total - total % dp, dp)
 
 
+def check_new_weights_path(path, prog: str) -> None:
+    """A NAME.safetensors to create: nothing is ever overwritten."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{str(path)!r} must end in .safetensors (its config goes to NAME.json)")
+    if path.exists() or path.with_suffix(".json").exists():
+        raise ValueError(f"{str(path)!r} (or its .json) already exists; {prog} never overwrites, choose another")
+
+
+def run_record(source: WeightSource, cfg: Config) -> dict:
+    """What a weights file derived from SOURCE carries so that moe-train-eval evaluates it on the same validation
+    batches: the run config and the source run's layout."""
+    record = {"run": dataclasses.asdict(cfg)}
+    if source.layout is not None:
+        record["layout"] = source.layout
+    return record
+
+
 def source_dp(source: WeightSource) -> int:
     return int((source.layout or {}).get("dp", 1))
 
@@ -83,20 +104,51 @@ def load_model(source: WeightSource, cfg: Config, device: torch.device) -> Trans
     return model.eval()
 
 
-def evaluate(source: WeightSource, cfg: Config, say=print) -> dict:
-    """{val_loss, perplexity, tokens, tokens_per_s} of SOURCE on cfg's validation batches (one process)."""
-    device = resolve_device(cfg.train.device)
-    data = source_data(source, cfg, say)
-    batches = list(data.val)[:run_batches(len(data.val), source_dp(source))]
-    model = load_model(source, cfg, device)
+def measure(model: Transformer, batches: list, device: torch.device, cfg: Config) -> dict:
+    """{val_loss, perplexity, tokens, tokens_per_s} of `model` on `batches` (the first one also run untimed first,
+    so that one-time costs, e.g. kernel weight packing, are not counted)."""
     forward = lambda inputs: model(inputs.to(device), return_aux=True)  # noqa: E731
-    start = time.perf_counter()
     with autocast_for(device, cfg.train.mixed_precision):
+        loss_sums(forward, batches[:1], device).tolist()  # host sync: warm-up
+        start = time.perf_counter()
         loss_sum, count = loss_sums(forward, batches, device).tolist()  # host sync: the end of the timed forwards
     seconds = time.perf_counter() - start
     val_loss = loss_sum / max(count, 1.0)
     return {"val_loss": val_loss, "perplexity": math.exp(val_loss) if val_loss < 700 else math.inf,
             "tokens": int(count), "tokens_per_s": sum(i.numel() for i, _ in batches) / max(seconds, 1e-9)}
+
+
+def evaluate(source: WeightSource, cfg: Config, say=print, quantize: Optional[str] = None, group_size: int = 32,
+             save_quantized: Optional[str] = None) -> dict:
+    """measure() of SOURCE on cfg's validation batches (one process). With `quantize` (int8 / int4), the result is
+    the model with quantized experts, plus "quantization": the unquantized model's val_loss and tokens_per_s measured
+    just before, the loss delta, and the expert weights' bytes both ways; `save_quantized` writes that model (a weights
+    file with the experts stored quantized)."""
+    if quantize is not None:
+        check_quantization(quantize, group_size)
+    if save_quantized is not None:
+        if quantize is None:
+            raise ValueError("--save-quantized needs --quantize-experts int8|int4")
+        check_new_weights_path(save_quantized, PROG)
+    device = resolve_device(cfg.train.device)
+    data = source_data(source, cfg, say)
+    batches = list(data.val)[:run_batches(len(data.val), source_dp(source))]
+    model = load_model(source, cfg, device)
+    result = measure(model, batches, device, cfg)
+    if quantize is None:
+        return result
+    bytes_before, bytes_after = quantize_experts(model, quantize, group_size)
+    if save_quantized is not None:
+        tensors, quantization = export_state(model.state_dict(), model)
+        write_weights(save_quantized, cfg.model, cfg.moe, tensors, {**run_record(source, cfg),
+                                                                    "quantization": quantization})
+    quantized = measure(model, batches, device, cfg)
+    quantized["quantization"] = {
+        "mode": quantize, "group_size": group_size if quantize == "int4" else None,
+        "expert_bytes": bytes_after, "expert_bytes_unquantized": bytes_before,
+        "val_loss_unquantized": result["val_loss"], "val_loss_delta": quantized["val_loss"] - result["val_loss"],
+        "tokens_per_s_unquantized": result["tokens_per_s"]}
+    return quantized
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,21 +158,32 @@ def build_parser() -> argparse.ArgumentParser:
                                        "Hugging Face directory (Mixtral, Llama, Mistral)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.eval_batches=20")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a line of text")
+    parser.add_argument("--quantize-experts", choices=MODES, default=None,
+                        help="also evaluate with weight-only quantized routed experts (int8 per output channel, int4 "
+                             "per group of input columns) and report the loss delta, bytes and speed of both")
+    parser.add_argument("--group-size", type=int, default=32, help=f"int4 group size, one of {INT4_GROUP_SIZES}")
+    parser.add_argument("--save-quantized", default=None, metavar="OUT.safetensors",
+                        help="write the model with quantized experts (read back by every tool, dequantized)")
     return parser
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     quiet = (lambda message: None) if args.json else print
     with exit_on_config_error(PROG):
         source = open_source(args.source)
         cfg = eval_config(source, args.overrides)
-        result = evaluate(source, cfg, quiet)
+        result = evaluate(source, cfg, quiet, args.quantize_experts, args.group_size, args.save_quantized)
     if args.json:
         print(json.dumps(result))
         return
     print(f"{source.kind} {source.path}: val_loss {result['val_loss']:.4f}, perplexity {result['perplexity']:.3f}, "
           f"{result['tokens']:,} tokens, {result['tokens_per_s']:,.0f} tokens/s")
+    if "quantization" in result:
+        q = result["quantization"]
+        print(f"  {q['mode']} experts: {q['expert_bytes']:,} bytes (unquantized {q['expert_bytes_unquantized']:,}), "
+              f"val_loss {q['val_loss_delta']:+.4f} vs {q['val_loss_unquantized']:.4f}, "
+              f"{q['tokens_per_s_unquantized']:,.0f} tokens/s unquantized")
 
 
 if __name__ == "__main__":

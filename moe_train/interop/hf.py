@@ -406,6 +406,9 @@ class SafetensorsReader:
     def get(self, key: str) -> torch.Tensor:
         return self.file_of[key].get_tensor(key)
 
+    def shape_of(self, key: str) -> tuple[int, ...]:
+        return tuple(self.file_of[key].get_slice(key).get_shape())
+
     def dtype_of(self, key: str) -> torch.dtype:
         name = self.file_of[key].get_slice(key).get_dtype()
         if name not in SAFETENSORS_DTYPES:
@@ -463,7 +466,7 @@ def load_dtype(dtype: Optional[torch.dtype], reader: SafetensorsReader, embeddin
     """dtype=None keeps the stored precision, read from the embedding (the router may be stored in float32)."""
     if dtype is not None:
         return dtype
-    if embedding_key not in reader.file_of:
+    if embedding_key not in reader.keys():
         raise ValueError(f"tensor {embedding_key!r} is missing")
     return reader.dtype_of(embedding_key)
 
@@ -607,13 +610,25 @@ def read_weights_config(path) -> tuple[ModelConfig, MoEConfig]:
             dataclass_from_dict(MoEConfig, config.get("moe", {}), where))
 
 
+def weights_reader(path, device="cpu"):
+    """A reader of weights file `path`; one with quantized experts (moe-train-eval --save-quantized) reads them
+    dequantized to float32."""
+    reader = SafetensorsReader([Path(path)], device=str(torch.device(device)))
+    quantization = read_weights_sidecar(path).get("quantization")
+    if quantization is None:
+        return reader
+    from moe_train.serving.quantize import DequantizingReader  # interop does not depend on serving otherwise
+
+    return DequantizingReader(reader, quantization)
+
+
 def load_weights(path, device="cpu", dtype: Optional[torch.dtype] = None) -> Transformer:
     """Our Transformer from a weights file written by save_weights, in eval mode (dtype=None: the stored one)."""
     weights, _ = _weights_paths(path)
     model_cfg, moe_cfg = read_weights_config(weights)
     if not weights.is_file():
         raise ValueError(f"weights file {str(weights)!r} does not exist")
-    reader = SafetensorsReader([weights], device=str(torch.device(device)))
+    reader = weights_reader(weights, device)
     recipes = {key: Rename(key) for key in reader.keys()}
     model = empty_model(model_cfg, moe_cfg, device, load_dtype(dtype, reader, "tok_embeddings.weight"))
     return fill_model(model, recipes, reader.get)

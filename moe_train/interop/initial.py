@@ -75,8 +75,8 @@ def weights_file_source(path: Path) -> WeightSource:
     if not path.is_file():
         raise ValueError(f"weights file {str(path)!r} does not exist")
     model_cfg, moe_cfg = hf.read_weights_config(path)
-    reader = hf.SafetensorsReader([path])
-    shapes = {key: tuple(reader.file_of[key].get_slice(key).get_shape()) for key in reader.keys()}
+    reader = hf.weights_reader(path)
+    shapes = {key: reader.shape_of(key) for key in reader.keys()}
     sidecar = hf.read_weights_sidecar(path)
     return WeightSource(str(path), "weights file", model_cfg, moe_cfg, shapes, reader.get, run_config_of(path, sidecar),
                         sidecar.get("layout"))
