@@ -127,7 +127,8 @@ class DeepSpeedMoEFFN(nn.Module):
             for name in ("w1", "w2", "w3"):
                 getattr(expert, name).weight.copy_(getattr(ours.experts, name)[first + i])
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, task_ids=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Our MoELayer's signature; DeepSpeed's gate routes by token only (task ids are not used by this bench)."""
         out, l_aux, _ = self.moe(x)
         return out, self.aux_loss_coef * l_aux
 

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from omegaconf import OmegaConf
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from anywhere, without an installed package
@@ -80,7 +81,8 @@ def val_curve(run_dir: Path) -> dict[int, float]:
 def train_records_loss(trainer: Trainer) -> float:
     """Eval-mode loss on the first training records (the held-out set's number of batches): the fit to what it saw."""
     cfg = trainer.cfg
-    tokens, labels, _, _ = split_streams(cfg.data, trainer.data.tokenizer, lambda message: None)
+    train, _, _ = split_streams(cfg.data, trainer.data.tokenizer, lambda message: None)
+    tokens, labels = train.tokens, train.labels
     batches = ValidationBatches(tokens, cfg.train.seq_len, trainer.micro_batch_size, 0, 1, len(trainer.data.val),
                                 labels)
     with trainer.engine.evaluation():
@@ -89,7 +91,8 @@ def train_records_loss(trainer: Trainer) -> float:
 
 
 def run(name: str, overrides: list[str], work: Path, measure_train: bool = False) -> dict:
-    """Train one arm in this process; its weights are saved for the arms that start from it."""
+    """Train one arm in this process; its weights are saved for the arms that start from it, with the run's
+    config.yaml beside them (as moe-train writes it), so moe-train-eval and moe-train-compress read its data."""
     cfg = compose_config(overrides)
     validate_config(cfg)
     run_dir = work / name
@@ -100,6 +103,7 @@ def run(name: str, overrides: list[str], work: Path, measure_train: bool = False
     trainer.train()
     seconds = time.perf_counter() - start
     save_weights(trainer.model, run_dir / "weights.safetensors")
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))  # read by moe-train-eval
     curve = val_curve(run_dir)
     result = {"name": name, "overrides": overrides, "val_loss": curve, "final_val": curve[max(curve)],
               "best_val": min(curve.values()), "step0_val": step0, "seconds": seconds,

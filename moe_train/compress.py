@@ -28,7 +28,7 @@ from typing import Optional
 
 from moe_train.cli_config import exit_on_config_error
 from moe_train.config.schema import Config
-from moe_train.evaluate import check_new_weights_path, eval_config, load_model, run_record, source_data
+from moe_train.evaluate import check_new_weights_path, eval_config, load_model, run_record, source_data, task_id
 from moe_train.interop.hf import write_weights
 from moe_train.interop.initial import WeightSource, open_source
 from moe_train.serving import compress
@@ -38,44 +38,56 @@ from moe_train.training.trainer import resolve_device
 PROG = "moe-train-compress"
 
 
-def check_request(source: WeightSource, out: Path, experts: int, method: str, calibration_batches: int) -> None:
+def check_request(source: WeightSource, args: argparse.Namespace) -> None:
     """Everything about the request that can be wrong, before the model is loaded."""
-    compress.check_method(method)
     moe_cfg = source.moe_cfg
     if source.model_cfg.moe_every == 0:
         raise ValueError(f"{source.path!r} is a dense model (model.moe_every=0): no experts to compress")
-    compress.check_target(moe_cfg.num_experts, moe_cfg.top_k, experts)
-    if calibration_batches < 1:
-        raise ValueError(f"--calibration-batches {calibration_batches}: must be >= 1")
-    check_new_weights_path(out, PROG)
+    if args.task is None and (args.experts is None or args.method is None):
+        raise ValueError("--experts N and --method M are required (without --task)")
+    compress.check_method(args.method or "prune-frequency")
+    if args.experts is not None:
+        compress.check_target(moe_cfg.num_experts, moe_cfg.top_k, args.experts)
+    if not 0 <= args.min_usage < 1:
+        raise ValueError(f"--min-usage {args.min_usage}: must be a fraction in [0, 1)")
+    if args.calibration_batches < 1:
+        raise ValueError(f"--calibration-batches {args.calibration_batches}: must be >= 1")
+    check_new_weights_path(Path(args.out), PROG)
 
 
-def compress_source(source: WeightSource, cfg: Config, experts: int, method: str, batches: int) -> tuple[dict, dict]:
-    """(compressed state dict, {layer: [groups]}) of SOURCE."""
+def compress_source(source: WeightSource, cfg: Config, args: argparse.Namespace) -> tuple[dict, dict, dict]:
+    """(compressed state dict, {layer: [groups]}, what was decided) of SOURCE."""
     device = resolve_device(cfg.train.device)
     model = load_model(source, cfg, device)
     data = source_data(source, cfg, say=lambda message: None)
-    inputs = (x for x, _ in itertools.islice(iter(data.train), batches))
-    stats = calibrate(model, inputs, device)
+    only_task = None if args.task is None else task_id(args.task, data.task_names)
+    stats = calibrate(model, itertools.islice(iter(data.train), args.calibration_batches), device, only_task)
+    if min(s.tokens for s in stats.values()) == 0:
+        raise ValueError(f"--task {args.task!r}: none of its tokens in the {args.calibration_batches} calibration "
+                         f"batches; use more --calibration-batches")
+    method = args.method or "prune-frequency"
+    experts = args.experts or compress.task_width(stats, cfg.moe.top_k, args.min_usage)
     groups = {layer: compress.layer_groups(method, layer_stats, experts) for layer, layer_stats in stats.items()}
-    return compress.compress_state(model.state_dict(), groups), groups
+    decided = {"method": method, "num_experts": experts,
+               "task": None if only_task is None else data.task_names[only_task]}
+    return compress.compress_state(model.state_dict(), groups), groups, decided
 
 
 def run(args: argparse.Namespace) -> dict:
     source = open_source(args.source)
-    out = Path(args.out)
-    check_request(source, out, args.experts, args.method, args.calibration_batches)
+    check_request(source, args)
     cfg = eval_config(source, args.overrides)
-    state, groups = compress_source(source, cfg, args.experts, args.method, args.calibration_batches)
-    moe_cfg = dataclasses.replace(cfg.moe, num_experts=args.experts)
-    summary = {"method": args.method, "source": source.path, "num_experts": args.experts,
-               "from_experts": cfg.moe.num_experts, "calibration_batches": args.calibration_batches,
+    state, groups, decided = compress_source(source, cfg, args)
+    experts = decided["num_experts"]
+    summary = {**decided, "source": source.path, "from_experts": cfg.moe.num_experts,
+               "calibration_batches": args.calibration_batches,
                "params_before": sum(math.prod(shape) for shape in source.shapes.values()),
                "params_after": sum(t.numel() for t in state.values()),
                "groups": {layer: [list(g.members) for g in gs] for layer, gs in groups.items()}}
     record = run_record(source, cfg)
-    record["run"]["moe"]["num_experts"] = args.experts
-    write_weights(out, cfg.model, moe_cfg, state, {**record, "compression": copy.deepcopy(summary)})
+    record["run"]["moe"]["num_experts"] = experts
+    moe_cfg = dataclasses.replace(cfg.moe, num_experts=experts)
+    write_weights(args.out, cfg.model, moe_cfg, state, {**record, "compression": copy.deepcopy(summary)})
     return summary
 
 
@@ -85,8 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
                                        "Hugging Face Mixtral directory")
     parser.add_argument("out", help="the compressed NAME.safetensors (its config goes to NAME.json)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. data.source=text")
-    parser.add_argument("--experts", type=int, required=True, help="N experts per MoE layer (top_k <= N <= E)")
-    parser.add_argument("--method", required=True, choices=compress.METHODS, help="how the experts are chosen")
+    parser.add_argument("--experts", type=int, default=None,
+                        help="N experts per MoE layer (top_k <= N <= E); with --task, default: the task's usage")
+    parser.add_argument("--method", choices=compress.METHODS, default=None,
+                        help="how the experts are chosen; with --task, default prune-frequency")
+    parser.add_argument("--task", default=None, help="extract the sub-network of this task (a name of the data's "
+                                                     "tasks or its id): statistics over its tokens only")
+    parser.add_argument("--min-usage", type=float, default=0.02,
+                        help="--task without --experts: keep the experts that get at least this fraction of the "
+                             "task's routed pairs in some layer (default 0.02)")
     parser.add_argument("--calibration-batches", type=int, default=16,
                         help="training micro-batches the statistics are measured on (default 16)")
     parser.add_argument("--json", action="store_true", help="print one JSON summary instead of lines of text")
@@ -100,8 +119,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.json:
         print(json.dumps(summary))
         return
+    task = "" if summary["task"] is None else f" for task {summary['task']!r}"
     print(f"{args.out}: {summary['from_experts']} -> {summary['num_experts']} experts per MoE layer by "
-          f"{summary['method']}, {summary['params_before']:,} -> {summary['params_after']:,} parameters")
+          f"{summary['method']}{task}, {summary['params_before']:,} -> {summary['params_after']:,} parameters")
     for layer, layer_groups in summary["groups"].items():
         print(f"  {layer}: " + " ".join("+".join(map(str, g)) for g in layer_groups))
 

@@ -34,6 +34,7 @@ from moe_train.cli_config import compose_config, exit_on_config_error
 from moe_train.config.init import init_config
 from moe_train.config.schema import Config, validate_config
 from moe_train.data import DataBundle, build_data
+from moe_train.data.chat import IGNORE_INDEX
 from moe_train.interop.initial import WeightSource, load_from_source, open_source
 from moe_train.models.transformer import Transformer, build_model
 from moe_train.interop.hf import write_weights
@@ -104,10 +105,34 @@ def load_model(source: WeightSource, cfg: Config, device: torch.device) -> Trans
     return model.eval()
 
 
+def task_id(task: str, task_names: Optional[list[str]]) -> int:
+    """The id of --task (a name of the data's tasks, or its index)."""
+    if task_names is None:
+        raise ValueError(f"--task {task!r}: the data carries no task ids (data=chat, or data.task_of_domain=true)")
+    if task in task_names:
+        return task_names.index(task)
+    if task.isdigit() and int(task) < len(task_names):
+        return int(task)
+    raise ValueError(f"--task {task!r}: not one of the data's tasks {task_names} (or their ids 0-{len(task_names) - 1})")
+
+
+def task_batches(batches: list, task: int) -> list:
+    """The batches with only the targets of `task`'s tokens counted (the others IGNORE_INDEX); ValueError when
+    none is left."""
+    masked = [(inputs, targets.masked_fill(task_ids != task, IGNORE_INDEX), task_ids)
+              for inputs, targets, task_ids in batches]
+    if all(bool((targets == IGNORE_INDEX).all()) for _, targets, _ in masked):
+        raise ValueError(f"--task: no token of task {task} in the {len(batches)} validation micro-batches; "
+                         f"evaluate more with train.eval_batches=N")
+    return masked
+
+
 def measure(model: Transformer, batches: list, device: torch.device, cfg: Config) -> dict:
     """{val_loss, perplexity, tokens, tokens_per_s} of `model` on `batches` (the first one also run untimed first,
     so that one-time costs, e.g. kernel weight packing, are not counted)."""
-    forward = lambda inputs: model(inputs.to(device), return_aux=True)  # noqa: E731
+    def forward(inputs, task_ids=None):
+        return model(inputs.to(device), return_aux=True, task_ids_BS=None if task_ids is None else task_ids.to(device))
+
     with autocast_for(device, cfg.train.mixed_precision):
         loss_sums(forward, batches[:1], device).tolist()  # host sync: warm-up
         start = time.perf_counter()
@@ -115,15 +140,15 @@ def measure(model: Transformer, batches: list, device: torch.device, cfg: Config
     seconds = time.perf_counter() - start
     val_loss = loss_sum / max(count, 1.0)
     return {"val_loss": val_loss, "perplexity": math.exp(val_loss) if val_loss < 700 else math.inf,
-            "tokens": int(count), "tokens_per_s": sum(i.numel() for i, _ in batches) / max(seconds, 1e-9)}
+            "tokens": int(count), "tokens_per_s": sum(b[0].numel() for b in batches) / max(seconds, 1e-9)}
 
 
 def evaluate(source: WeightSource, cfg: Config, say=print, quantize: Optional[str] = None, group_size: int = 32,
-             save_quantized: Optional[str] = None) -> dict:
+             save_quantized: Optional[str] = None, task: Optional[str] = None) -> dict:
     """measure() of SOURCE on cfg's validation batches (one process). With `quantize` (int8 / int4), the result is
     the model with quantized experts, plus "quantization": the unquantized model's val_loss and tokens_per_s measured
     just before, the loss delta, and the expert weights' bytes both ways; `save_quantized` writes that model (a weights
-    file with the experts stored quantized)."""
+    file with the experts stored quantized). `task`: the loss counts that task's tokens only."""
     if quantize is not None:
         check_quantization(quantize, group_size)
     if save_quantized is not None:
@@ -133,6 +158,8 @@ def evaluate(source: WeightSource, cfg: Config, say=print, quantize: Optional[st
     device = resolve_device(cfg.train.device)
     data = source_data(source, cfg, say)
     batches = list(data.val)[:run_batches(len(data.val), source_dp(source))]
+    if task is not None:
+        batches = task_batches(batches, task_id(task, data.task_names))
     model = load_model(source, cfg, device)
     result = measure(model, batches, device, cfg)
     if quantize is None:
@@ -158,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "Hugging Face directory (Mixtral, Llama, Mistral)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.eval_batches=20")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a line of text")
+    parser.add_argument("--task", default=None, help="count the loss on this task's tokens only (a name of the "
+                                                     "data's tasks or its id; data=chat or data.task_of_domain)")
     parser.add_argument("--quantize-experts", choices=MODES, default=None,
                         help="also evaluate with weight-only quantized routed experts (int8 per output channel, int4 "
                              "per group of input columns) and report the loss delta, bytes and speed of both")
@@ -173,7 +202,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     with exit_on_config_error(PROG):
         source = open_source(args.source)
         cfg = eval_config(source, args.overrides)
-        result = evaluate(source, cfg, quiet, args.quantize_experts, args.group_size, args.save_quantized)
+        result = evaluate(source, cfg, quiet, args.quantize_experts, args.group_size, args.save_quantized, args.task)
     if args.json:
         print(json.dumps(result))
         return

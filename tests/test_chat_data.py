@@ -68,11 +68,11 @@ def chat_cfg(**overrides) -> DataConfig:
 def test_packed_batches_keep_inputs_and_mask_prompt_targets():
     data = build_data(chat_cfg(), seq_len=64, micro_batch_size=4, say=lambda m: None)
     tok = data.tokenizer
-    inputs, targets = data.train.next_batch()
+    inputs, targets, task_ids = data.train.next_batch()  # chat data always carries its records' tasks
     counted = targets != IGNORE_INDEX
     assert 0.1 < counted.float().mean() < 0.6  # prompts and headers dominate these short records
     assert torch.equal(targets[:, :-1][counted[:, :-1]], inputs[:, 1:][counted[:, :-1]])  # labels are the tokens
-    trained = "".join(tok.decode(t[t != IGNORE_INDEX].tolist()) for _, targets in data.val for t in targets)
+    trained = "".join(tok.decode(t[t != IGNORE_INDEX].tolist()) for _, targets, _ in data.val for t in targets)
     assert "<|user|>" not in trained and "<|assistant|>" not in trained and trained.count(END) > 10
 
 
@@ -115,6 +115,6 @@ def test_trainer_evaluates_the_masked_loss_over_response_tokens(tmp_path):
                            1, 0, tmp_path)
     trainer.train()
     loss, tokens = trainer.evaluate_sums()
-    expected = sum(int((targets != IGNORE_INDEX).sum()) for _, targets in trainer.data.val)
-    assert tokens == expected and 0 < tokens < sum(t.numel() for _, t in trainer.data.val)
+    expected = sum(int((targets != IGNORE_INDEX).sum()) for _, targets, _ in trainer.data.val)
+    assert tokens == expected and 0 < tokens < sum(t.numel() for _, t, _ in trainer.data.val)
     assert 0 < loss < 10

@@ -71,6 +71,11 @@ class DataConfig:
     """chat: a record that is not valid JSON, lacks its fields or has an empty response: `error` stops before
     training naming the line; `skip` drops it and reports how many (with the first lines) in the log."""
 
+    task_of_domain: bool = False
+    """embedded: give every token a task id, its document's domain (six tasks, in moe_train.data.embedded.DOMAINS
+    order: the ids task-routed MoE layers (moe.router_input) and moe-train-compress --task use). chat data always
+    carries task ids (its records' "task")."""
+
     chat_examples: int = 5000
     """chat without `path`: records generated (five tasks, about chat_examples / 5 each)."""
 
@@ -126,6 +131,9 @@ def validate_data_config(cfg: DataConfig) -> None:
     _check_source(cfg)
     _check_numbers(cfg)
     _check_chat(cfg)
+    if cfg.task_of_domain and cfg.source != "embedded":
+        _fail("task_of_domain", cfg.task_of_domain, "false unless data.source='embedded' (domains are the embedded "
+                                                    "corpus's; chat data has its own tasks)")
     for name in ("tokenizer", "text_field", "split"):
         if not getattr(cfg, name):
             _fail(name, getattr(cfg, name), "a non-empty string")

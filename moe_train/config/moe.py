@@ -17,6 +17,7 @@ SECOND_EXPERT_POLICIES = ("all", "sampling")
 DROP_POLICIES = ("position", "probability")
 AUX_LOSS_COUNTING = ("first", "all")
 EXPERT_IMPLS = ("auto", "grouped", "loop")
+ROUTER_INPUTS = ("token", "task", "token_and_task")
 DROPLESS = -1.0  # the documented capacity-factor value that selects dropless routing
 
 
@@ -91,6 +92,18 @@ class MoEConfig:
     experts, training only. Switch Transformer fine-tuning raises it to 0.4 while the rest of the model keeps 0.1;
     0 = off (pre-training). 0 <= p < 1."""
 
+    router_input: str = "token"
+    """What the router sees. `token`: the token's hidden state (every other MoE). `task`: only a learned embedding of
+    the token's task (Task-MoE, Kudugunta et al. 2021): every token of a task goes to the same top_k experts per
+    layer, so the task's sub-network can be extracted for serving (moe-train-compress --task). `token_and_task`:
+    hidden state + task embedding. Task ids come from the data: chat records' "task", or the embedded corpus's
+    domains with data.task_of_domain=true."""
+
+    num_tasks: int = 0
+    """Rows of each router's task embedding (router_input task / token_and_task): at least the data's number of
+    tasks (6 for data.task_of_domain; the distinct "task" values of chat data, 5 for the generated set). 0 with
+    router_input=token."""
+
     expert_impl: str = "auto"
     """Expert computation. `grouped`: no host sync; a batched matmul over the whole [E, C, D] capacity buffer (empty
     slots included) or torch's grouped GEMM over the dropless groups. `loop`: one matmul chain per non-empty expert
@@ -146,5 +159,9 @@ def validate_moe_config(cfg: MoEConfig, d_model: Optional[int] = None) -> None:
         raise ValueError(f"moe.routed_scale={cfg.routed_scale!r} must be a finite number > 0 (1.0 = Mixtral)")
     if not 0 <= cfg.expert_dropout < 1:
         raise ValueError(f"moe.expert_dropout={cfg.expert_dropout!r} must be in [0, 1) (0 = off)")
+    _check_choice("router_input", cfg.router_input, ROUTER_INPUTS)
+    if (cfg.router_input == "token") != (cfg.num_tasks == 0) or cfg.num_tasks < 0:
+        raise ValueError(f"moe.num_tasks={cfg.num_tasks} with moe.router_input={cfg.router_input!r}: task routing "
+                         f"needs num_tasks >= 1 (the data's number of tasks), token routing num_tasks=0")
     if cfg.jitter_eps >= 1:
         raise ValueError(f"moe.jitter_eps={cfg.jitter_eps} must be < 1 (the input is scaled by U(1-eps, 1+eps))")

@@ -4,8 +4,10 @@ Entry point for the trainer::
 
     bundle = build_data(cfg.data, seq_len=256, micro_batch_size=8, dp_rank=r, dp_size=d, val_batches=20)
     assert model_vocab_size >= bundle.vocab_size
-    inputs, targets = bundle.train.next_batch()        # int64 [8, 256] each; targets = inputs shifted by one
-    for inputs, targets in bundle.val: ...             # the same fixed batches on every eval
+    inputs, targets, *task_ids = bundle.train.next_batch()  # int64 [8, 256] each; targets = inputs shifted by one
+    for inputs, targets, *task_ids in bundle.val: ...  # the same fixed batches on every eval
+    # task_ids ([8, 256], each token's task) when the data has tasks: chat records' "task", or data.task_of_domain;
+    # bundle.task_names names them
     state = bundle.train.state_dict()                  # plain ints; bundle.train.load_state_dict(state) resumes
 
 Modules:

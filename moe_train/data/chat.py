@@ -23,13 +23,14 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
 from moe_train.config.data import DataConfig
 from moe_train.data.instructions import generate_instructions
+from moe_train.data.packing import Stream
 
 IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index
 ROLES = ("system", "user", "assistant")
@@ -142,14 +143,18 @@ def encode_conversation(conversation: Conversation, tokenizer) -> tuple[list[int
     return ids + separator, labels + [IGNORE_INDEX] * len(separator)
 
 
-def encode_conversations(conversations: list[Conversation], tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """int32 (token stream, label stream) of the conversations in order."""
-    ids, labels = [], []
+def encode_conversations(conversations: list[Conversation], tokenizer,
+                         task_names: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """int32 (token stream, label stream, task stream) of the conversations in order; the task stream holds each
+    token's conversation's task, as an index into `task_names`."""
+    index = {name: i for i, name in enumerate(task_names)}
+    ids, labels, tasks = [], [], []
     for conversation in conversations:
         i, l = encode_conversation(conversation, tokenizer)
         ids.append(np.asarray(i, dtype=np.int32))
         labels.append(np.asarray(l, dtype=np.int32))
-    return torch.from_numpy(np.concatenate(ids)), torch.from_numpy(np.concatenate(labels))
+        tasks.append(np.full(len(i), index[conversation.task], dtype=np.int32))
+    return tuple(torch.from_numpy(np.concatenate(parts)) for parts in (ids, labels, tasks))
 
 
 # -- split and mixture ----------------------------------------------------------------------------------------------
@@ -194,10 +199,11 @@ def task_fractions(conversations: list[Conversation]) -> dict[str, float]:
     return {task: n / len(conversations) for task, n in sorted(counts.items())}
 
 
-def chat_streams(cfg: DataConfig, tokenizer, say=print) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                   torch.Tensor]:
-    """(train tokens, train labels, val tokens, val labels) of data.source=chat."""
-    train, val = split_records(load_conversations(cfg, say), cfg.val_fraction)
+def chat_streams(cfg: DataConfig, tokenizer, say=print) -> tuple[Stream, Stream, list[str]]:
+    """(train, val, task names) of data.source=chat; task ids index the sorted task names of all records."""
+    conversations = load_conversations(cfg, say)
+    task_names = sorted({c.task for c in conversations})
+    train, val = split_records(conversations, cfg.val_fraction)
     train = mix_tasks(train, dict(cfg.task_weights), cfg.seed)
-    return (*encode_conversations(train, tokenizer), *encode_conversations(val, tokenizer))
-
+    return (Stream(*encode_conversations(train, tokenizer, task_names)),
+            Stream(*encode_conversations(val, tokenizer, task_names)), task_names)

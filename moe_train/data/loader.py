@@ -26,7 +26,7 @@ import torch
 
 from moe_train.data.packing import inputs_targets, pack_sequences
 
-Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs [B, seq_len] int64, targets [B, seq_len] int64)
+Batch = tuple[torch.Tensor, ...]  # (inputs [B, seq_len] int64, targets [B, seq_len] int64[, task ids [B, seq_len]])
 
 
 def _check_layout(micro_batch_size: int, dp_rank: int, dp_size: int) -> None:
@@ -49,16 +49,27 @@ def _micro_batches_per_rank(rows: torch.Tensor, what: str, seq_len: int, micro_b
     return per_rank
 
 
+def aligned_rows(labels: Optional[torch.Tensor], tasks: Optional[torch.Tensor], seq_len: int) -> tuple:
+    """(label rows, task rows), each None when absent, packed like the tokens."""
+    return tuple(None if s is None else pack_sequences(s, seq_len) for s in (labels, tasks))
+
+
+def take(packed: torch.Tensor, aligned: tuple, rows) -> Batch:
+    """The batch of packed rows `rows` (an index tensor or a slice)."""
+    return inputs_targets(packed[rows], *(None if a is None else a[rows] for a in aligned))
+
+
 class TokenLoader:
     """Infinite shuffled training batches of one dp rank; see the module docstring for the order."""
 
     def __init__(self, tokens: torch.Tensor, seq_len: int, micro_batch_size: int, seed: int = 0,
-                 dp_rank: int = 0, dp_size: int = 1, labels: Optional[torch.Tensor] = None):
+                 dp_rank: int = 0, dp_size: int = 1, labels: Optional[torch.Tensor] = None,
+                 tasks: Optional[torch.Tensor] = None):
         _check_layout(micro_batch_size, dp_rank, dp_size)
         self.seq_len, self.micro_batch_size, self.seed = seq_len, micro_batch_size, seed
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self._rows = pack_sequences(tokens, seq_len)
-        self._labels = None if labels is None else pack_sequences(labels, seq_len)  # targets (chat: masked)
+        self._aligned = aligned_rows(labels, tasks, seq_len)
         self.batches_per_epoch = _micro_batches_per_rank(self._rows, "training", seq_len, micro_batch_size, dp_size)
         self.epoch, self.position = 0, 0  # position: this rank's micro-batches consumed in the epoch
         self._order: Optional[torch.Tensor] = None  # the epoch's row permutation, built lazily
@@ -79,8 +90,7 @@ class TokenLoader:
             self._order = self._epoch_order(self.epoch)
         start = (self.position * self.dp_size + self.dp_rank) * self.micro_batch_size  # global micro-batch
         self.position += 1
-        rows = self._order[start:start + self.micro_batch_size]
-        return inputs_targets(self._rows[rows], None if self._labels is None else self._labels[rows])
+        return take(self._rows, self._aligned, self._order[start:start + self.micro_batch_size])
 
     def __iter__(self) -> Iterator[Batch]:
         while True:
@@ -110,12 +120,13 @@ class ValidationBatches:
     """A fixed, re-iterable list of validation batches for this dp rank (rows in stream order)."""
 
     def __init__(self, tokens: torch.Tensor, seq_len: int, micro_batch_size: int, dp_rank: int = 0,
-                 dp_size: int = 1, max_batches: Optional[int] = None, labels: Optional[torch.Tensor] = None):
+                 dp_size: int = 1, max_batches: Optional[int] = None, labels: Optional[torch.Tensor] = None,
+                 tasks: Optional[torch.Tensor] = None):
         _check_layout(micro_batch_size, dp_rank, dp_size)
         if max_batches is not None and max_batches < 1:
             raise ValueError(f"max_batches={max_batches} must be None (all) or >= 1")
         self._rows = pack_sequences(tokens, seq_len)
-        self._labels = None if labels is None else pack_sequences(labels, seq_len)
+        self._aligned = aligned_rows(labels, tasks, seq_len)
         _micro_batches_per_rank(self._rows, "validation", seq_len, micro_batch_size, dp_size)
         self.micro_batch_size = micro_batch_size
         total = len(self._rows) // micro_batch_size
@@ -133,4 +144,4 @@ class ValidationBatches:
         b = self.micro_batch_size
         for m in self._mine:
             rows = slice(m * b, (m + 1) * b)
-            yield inputs_targets(self._rows[rows], None if self._labels is None else self._labels[rows])
+            yield take(self._rows, self._aligned, rows)

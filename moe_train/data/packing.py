@@ -8,10 +8,24 @@ it trains, the last val_fraction validates. Each half is cut into non-overlappin
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
+
+
+@dataclass
+class Stream:
+    """A token stream and the per-token streams aligned with it (same length), held in memory."""
+
+    tokens: torch.Tensor  # int32
+    labels: Optional[torch.Tensor] = None  # the targets where they are not the tokens (chat: IGNORE_INDEX on prompts)
+    tasks: Optional[torch.Tensor] = None  # each token's task id (chat records' "task"; data.task_of_domain)
+
+    def cut(self, start: int, stop: Optional[int] = None) -> "Stream":
+        pick = lambda t: None if t is None else t[start:stop]  # noqa: E731
+        return Stream(self.tokens[start:stop], pick(self.labels), pick(self.tasks))
 
 
 def _chunks(texts: Iterable[str], tokenizer) -> Iterator[np.ndarray]:
@@ -57,9 +71,12 @@ def pack_sequences(tokens: torch.Tensor, seq_len: int) -> torch.Tensor:
     return tokens[: rows * (seq_len + 1)].view(rows, seq_len + 1)
 
 
-def inputs_targets(rows: torch.Tensor, label_rows: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """int64 (inputs [B, seq_len], targets [B, seq_len]) of packed rows [B, seq_len + 1]; targets come from the
-    label rows when given (instruction data: IGNORE_INDEX where the loss does not count)."""
+def inputs_targets(rows: torch.Tensor, label_rows: Optional[torch.Tensor] = None,
+                   task_rows: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, ...]:
+    """int64 (inputs [B, seq_len], targets [B, seq_len]) of packed rows [B, seq_len + 1], plus the inputs' task ids
+    [B, seq_len] when task rows are given; targets come from the label rows when given (instruction data:
+    IGNORE_INDEX where the loss does not count)."""
     rows = rows.long()
     targets = (rows if label_rows is None else label_rows.long())[:, 1:]
-    return rows[:, :-1].contiguous(), targets.contiguous()
+    batch = (rows[:, :-1].contiguous(), targets.contiguous())
+    return batch if task_rows is None else (*batch, task_rows[:, :-1].long().contiguous())

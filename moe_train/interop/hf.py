@@ -73,6 +73,8 @@ MIXTRAL_REQUIREMENTS = (  # (field, read it, the only value Mixtral can express,
     ("moe.router", lambda m, e: e.router, "topk", "Mixtral's router is a plain linear gate (no noise weight)"),
     ("moe.renormalize", lambda m, e: e.renormalize, True, "Mixtral renormalises the top-k weights to sum to 1"),
     ("moe.num_shared_experts", lambda m, e: e.num_shared_experts, 0, "Mixtral has no shared experts"),
+    ("moe.router_input", lambda m, e: e.router_input, "token", "Mixtral's router sees the token only (no task "
+                                                                "embedding)"),
     ("moe.routed_scale", lambda m, e: e.routed_scale, 1.0,
      "Mixtral adds the gate-weighted expert sum unscaled; save_mixtral folds the scale into the experts' w2"),
 )

@@ -93,12 +93,12 @@ class TransformerBlock(nn.Module):
         self.moe = MoELayer(cfg.d_model, moe_cfg) if cfg.is_moe_layer(layer_id) else None
         self.feed_forward = None if self.moe is not None else FeedForward(cfg.d_model, cfg.d_ff)
 
-    def forward(self, x_BSD, cos_SK, sin_SK) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def forward(self, x_BSD, cos_SK, sin_SK, task_ids_BS=None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         x_BSD = x_BSD + self.attention(self.attention_norm(x_BSD), cos_SK, sin_SK)
         h_BSD = self.ffn_norm(x_BSD)
         if self.moe is None:
             return x_BSD + self.feed_forward(h_BSD), None
-        out_BSD, aux_loss = self.moe(h_BSD)
+        out_BSD, aux_loss = self.moe(h_BSD, task_ids_BS)
         return x_BSD + out_BSD, aux_loss
 
 
@@ -133,9 +133,10 @@ class Transformer(nn.Module):
     def moe_layers(self) -> Iterator[MoELayer]:
         return (layer.moe for layer in self.layers if layer.moe is not None)
 
-    def forward(self, input_ids_BS: torch.Tensor, return_aux: bool = False):
+    def forward(self, input_ids_BS: torch.Tensor, return_aux: bool = False, task_ids_BS: Optional[torch.Tensor] = None):
         """Logits [B, S, V]; with return_aux, (logits, aux_loss) where aux_loss sums the MoE layers' scaled
-        load-balancing and z losses (a differentiable scalar to add to the LM loss)."""
+        load-balancing and z losses (a differentiable scalar to add to the LM loss). task_ids_BS: each token's task
+        id, which task-routed MoE layers (moe.router_input) need; others ignore it."""
         S = input_ids_BS.shape[1]
         if S > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {S} exceeds model.max_seq_len={self.cfg.max_seq_len}")
@@ -143,7 +144,7 @@ class Transformer(nn.Module):
         cos_SK, sin_SK = self.rope_cos[:S], self.rope_sin[:S]
         aux_loss = x_BSD.new_zeros((), dtype=torch.float32)
         for layer in self.layers:
-            x_BSD, layer_aux = layer(x_BSD, cos_SK, sin_SK)
+            x_BSD, layer_aux = layer(x_BSD, cos_SK, sin_SK, task_ids_BS)
             aux_loss = aux_loss + layer_aux if layer_aux is not None else aux_loss
         h_BSD = self.norm(x_BSD)
         logits = self.output(h_BSD) if self.output is not None else h_BSD @ self.tok_embeddings.weight.t()

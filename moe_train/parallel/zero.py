@@ -71,7 +71,7 @@ from moe_train.config.schema import Config
 from moe_train.models.moe.layer import MoELayer
 from moe_train.parallel.context import ParallelContext
 from moe_train.parallel.data_parallel import clip_grad_norm
-from moe_train.training.engine import eval_mode
+from moe_train.training.engine import eval_mode, task_kwargs
 from moe_train.training.optim import build_scheduler, param_groups
 
 MARKER_NAME = "deepspeed_moe_marker"
@@ -243,9 +243,9 @@ class ZeroEngine:
     def scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
         return self.engine.lr_scheduler
 
-    def forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, inputs: torch.Tensor, task_ids: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Through the engine: it registers the hooks its backward (and ZeRO 3's gathering) need."""
-        return self.engine(inputs, return_aux=True)
+        return self.engine(inputs, return_aux=True, **task_kwargs(task_ids))
 
     def state_holder(self) -> TorchState:
         """Stage 0: our AdamW's whole tensors; 1/2: partitioned optimizer state; 3: partitioned weights too."""

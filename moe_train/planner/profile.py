@@ -110,17 +110,20 @@ def tracked_peak(model: Transformer, cfg: Config, micro_batch: int) -> dict[str,
     tracker = MemTracker()
     tracker.track_external(model)
     with tracker:
-        micro_batch_loss(lambda inputs: model(inputs, return_aux=True), cfg, micro_batch).backward()
+        micro_batch_loss(lambda inputs, tasks: model(inputs, return_aux=True, task_ids_BS=tasks), cfg, micro_batch).backward()
     (peak,) = tracker.get_tracker_snapshot("peak").values()
     return peak
 
 
 def micro_batch_loss(forward, cfg: Config, micro_batch: int) -> torch.Tensor:
     """The Trainer's loss (LM cross-entropy in float32 + the MoE aux loss, autocast as configured) of a random
-    micro-batch [micro_batch, train.seq_len]; called under FakeTensorMode. forward(inputs) -> (logits, aux)."""
+    micro-batch [micro_batch, train.seq_len]; called under FakeTensorMode. forward(inputs, task_ids or None) -> (logits, aux)."""
     from moe_train.training.trainer import lm_loss
 
     inputs_BS = torch.randint(0, cfg.model.vocab_size, (micro_batch, cfg.train.seq_len))
+    task_ids_BS = None  # task-routed layers (moe.router_input) need a task per token
+    if cfg.moe.router_input != "token":
+        task_ids_BS = torch.randint(0, cfg.moe.num_tasks, inputs_BS.shape)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.mixed_precision == "bf16"):
-        logits, aux_loss = forward(inputs_BS)
+        logits, aux_loss = forward(inputs_BS, task_ids_BS)
     return lm_loss(logits, inputs_BS) + aux_loss

@@ -18,7 +18,7 @@ expert at a time over all T tokens (E x the cost of one expert: calibration runs
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 from torch import nn
@@ -60,9 +60,14 @@ def gate_weights(probs_TK: torch.Tensor, renormalize: bool) -> torch.Tensor:
 
 
 @torch.no_grad()
-def accumulate(stats: ExpertStats, layer: MoELayer, x_TD: torch.Tensor) -> None:
-    """Add one batch of layer inputs to `stats` (host syncs: the float64 sums are moved to the CPU per batch)."""
-    route = layer.router(x_TD)
+def accumulate(stats: ExpertStats, layer: MoELayer, x_TD: torch.Tensor, task_T: Optional[torch.Tensor] = None,
+               only_task: Optional[int] = None) -> None:
+    """Add one batch of layer inputs to `stats` (host syncs: the float64 sums are moved to the CPU per batch); with
+    `only_task`, only the tokens of that task count."""
+    if only_task is not None:
+        keep_T = task_T.reshape(-1) == only_task
+        x_TD, task_T = x_TD[keep_T], task_T.reshape(-1)[keep_T]
+    route = layer.router(x_TD, task_T)
     weights_TK = gate_weights(route.probs_TK, layer.cfg.renormalize)
     experts = layer.experts
     for e in range(experts.num_experts):
@@ -85,19 +90,24 @@ def moe_layers(model: nn.Module) -> dict[str, MoELayer]:
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, batches: Iterable[torch.Tensor], device: torch.device) -> dict[str, ExpertStats]:
-    """ExpertStats of every MoE layer of `model` (put in eval mode) over the input batches [B, S]."""
+def calibrate(model: nn.Module, batches: Iterable[tuple], device: torch.device,
+              only_task: Optional[int] = None) -> dict[str, ExpertStats]:
+    """ExpertStats of every MoE layer of `model` (put in eval mode) over the batches (inputs [B, S], targets[, task
+    ids [B, S]]); with `only_task`, over the tokens of that task."""
     model.eval()
     layers = moe_layers(model)
     stats = {name: ExpertStats.zeros(layer.cfg.num_experts, layer.d_model) for name, layer in layers.items()}
 
     def hook_for(name: str, layer: MoELayer):
-        return lambda module, args: accumulate(stats[name], layer, args[0].reshape(-1, layer.d_model))
+        def hook(module, args):
+            task_T = args[1] if len(args) > 1 else None
+            accumulate(stats[name], layer, args[0].reshape(-1, layer.d_model), task_T, only_task)
+        return hook
 
     handles = [layer.register_forward_pre_hook(hook_for(name, layer)) for name, layer in layers.items()]
     try:
-        for inputs in batches:
-            model(inputs.to(device))
+        for inputs, _, *task_ids in batches:
+            model(inputs.to(device), task_ids_BS=task_ids[0].to(device) if task_ids else None)
     finally:
         for handle in handles:
             handle.remove()

@@ -12,6 +12,8 @@ rows, so the router keeps one logit per output expert (Mixtral layout with N exp
   dominant ones; every other expert joins the dominant expert whose router logits are most similar (cosine over the
   calibration tokens); a group is merged by a plain average, or weighted by usage (MC-SMoE). MC-SMoE first aligns
   the hidden units of the members by a permutation; this does not (see docs/SERVING.md).
+- with a task (moe-train-compress --task, task-routed models): the statistics count that task's tokens only, and
+  prune-frequency keeps the experts the task routes to (Task-MoE's sub-network extraction, Kudugunta et al. 2021).
 - merge-output-cluster: HC-SMoE (arXiv 2410.08589): average-linkage hierarchical clustering of the experts by the
   Euclidean distance of their mean outputs over all calibration tokens, down to N clusters; usage-weighted merge.
 
@@ -105,6 +107,19 @@ def layer_groups(method: str, stats: ExpertStats, n: int) -> list[Group]:
         return weighted(dominant_clusters(stats, n), stats.counts_E, by_usage=method == "merge-frequency")
     mean_out_ED = stats.mean_out_ED
     return weighted(average_linkage(torch.cdist(mean_out_ED, mean_out_ED), n), stats.counts_E, by_usage=True)
+
+
+def used_experts(counts_E: torch.Tensor, min_usage: float) -> int:
+    """Experts receiving at least `min_usage` of the layer's routed pairs."""
+    total = float(counts_E.sum())
+    return int((counts_E >= min_usage * total).sum()) if total > 0 else 0
+
+
+def task_width(stats: dict[str, ExpertStats], top_k: int, min_usage: float) -> int:
+    """N of a task's sub-network: the most experts any layer routes the task to (usage >= min_usage), at least
+    top_k. One N for all layers: a weights file (and Mixtral) has the same number of experts in every layer, so a
+    layer that uses fewer keeps its next most used ones."""
+    return max(top_k, *(used_experts(s.counts_E, min_usage) for s in stats.values()))
 
 
 def combine(w_E: torch.Tensor, groups: list[Group]) -> torch.Tensor:

@@ -9,6 +9,8 @@ student's metrics.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -29,8 +31,8 @@ class Teacher:
         say(f"distilling from {source.kind} {source.path} (alpha {cfg.alpha}, temperature {cfg.temperature})")
 
     @torch.no_grad()
-    def logits(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.model(inputs)
+    def logits(self, inputs: torch.Tensor, task_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.model(inputs, task_ids_BS=task_ids)
 
 
 def build_teacher(source, device: torch.device, seed: int, bf16: bool) -> Transformer:

@@ -32,8 +32,8 @@ class Engine(Protocol):
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
 
-    def forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits, scaled aux loss) of one micro-batch."""
+    def forward(self, inputs: torch.Tensor, task_ids: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, scaled aux loss) of one micro-batch; task_ids: each token's task (task-routed MoE layers)."""
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         """Accumulate the gradients of one micro-batch's loss (divided by grad_accum_steps); `last`: the final
@@ -58,6 +58,11 @@ class Engine(Protocol):
         """Who holds weights and optimizer state, for checkpoints (checkpoint/holders.py)."""
 
 
+def task_kwargs(task_ids: Optional[torch.Tensor]) -> dict:
+    """The model's task-id argument, only when there are task ids (an engine also drives models without one)."""
+    return {} if task_ids is None else {"task_ids_BS": task_ids}
+
+
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
     model.eval()
@@ -75,8 +80,8 @@ class LocalEngine:
         self.optimizer = build_optimizer(model, cfg.optim, device)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.max_steps)
 
-    def forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model(inputs, return_aux=True)
+    def forward(self, inputs: torch.Tensor, task_ids: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model(inputs, return_aux=True, **task_kwargs(task_ids))
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         (loss / self.cfg.train.grad_accum_steps).backward()

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_train.checkpoint.checkpointer import Checkpointer, CheckpointParts, TrainState, find_resume_point
+from moe_train.config.moe import MoEConfig
 from moe_train.config.schema import Config
 from moe_train.config.train import TrainConfig
 from moe_train.data import DataBundle, build_data
@@ -72,13 +73,25 @@ def autocast_for(device: torch.device, mixed_precision: str):
 
 @torch.no_grad()
 def loss_sums(forward_logits, batches, device: torch.device) -> torch.Tensor:
-    """float64 [summed LM loss, counted target tokens] over `batches` (no host sync); forward_logits(inputs) ->
-    (logits, aux). Training's evaluation and moe-train-eval share it, so both compute the same numbers."""
+    """float64 [summed LM loss, counted target tokens] over `batches` (no host sync); forward_logits(inputs[,
+    task_ids]) -> (logits, aux). Training's evaluation and moe-train-eval share it, so both compute the same numbers."""
     total = torch.zeros(2, dtype=torch.float64, device=device)
-    for inputs, targets in batches:
-        loss_sum, count = lm_loss_sum(forward_logits(inputs)[0], targets.to(device))
+    for inputs, targets, *task_ids in batches:  # task ids: when the data carries them
+        loss_sum, count = lm_loss_sum(forward_logits(inputs, *task_ids)[0], targets.to(device))
         total += torch.stack([loss_sum.double(), count.double()])
     return total
+
+
+def check_task_routing(moe_cfg: MoEConfig, task_names: Optional[list[str]]) -> None:
+    """Task-routed MoE layers need task ids from the data, and a task embedding row for each task."""
+    if moe_cfg.router_input == "token":
+        return
+    if task_names is None:
+        raise ValueError(f"moe.router_input={moe_cfg.router_input!r} needs task ids from the data: data=chat (records' "
+                         f"\"task\") or data.task_of_domain=true (the embedded corpus's six domains)")
+    if moe_cfg.num_tasks < len(task_names):
+        raise ValueError(f"moe.num_tasks={moe_cfg.num_tasks} is less than the data's {len(task_names)} tasks "
+                         f"{task_names}; set moe.num_tasks={len(task_names)}")
 
 
 class Trainer:
@@ -136,6 +149,7 @@ class Trainer:
         t, dims = self.cfg.train, self.ctx.dims
         data = build_data(self.cfg.data, t.seq_len, self.micro_batch_size, self.ctx.dp_rank, dims.dp,
                           val_batches=t.eval_batches, say=self.console.print0)
+        check_task_routing(self.cfg.moe, data.task_names)
         data.train = DevicePrefetcher(data.train, self.device)  # pinned, non-blocking, one batch ahead
         return data
 
@@ -188,27 +202,30 @@ class Trainer:
     def autocast(self):
         return autocast_for(self.device, self.cfg.train.mixed_precision)
 
-    def forward_loss(self, inputs, targets) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_loss(self, inputs, targets, task_ids=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(LM cross-entropy, the rest of the objective) of one micro-batch; their sum is what backward gets. The
         rest: the scaled MoE aux + z loss, and under distillation (alpha - 1) x CE + (1 - alpha) x T^2 x KL, so that
         the sum is the distillation loss while the logged loss stays the cross-entropy."""
-        logits, aux_loss = self.forward_logits(inputs)
+        logits, aux_loss = self.forward_logits(inputs, task_ids)
         targets = targets.to(self.device, non_blocking=True)
         ce = lm_loss(logits, targets)
         if self.teacher is None:
             return ce, aux_loss
-        return ce, aux_loss + self.distill_term(inputs, logits, targets, ce)
+        return ce, aux_loss + self.distill_term(inputs, task_ids, logits, targets, ce)
 
-    def distill_term(self, inputs, logits, targets, ce) -> torch.Tensor:
+    def distill_term(self, inputs, task_ids, logits, targets, ce) -> torch.Tensor:
         d = self.cfg.distill
         with self.autocast():
-            teacher_logits = self.teacher.logits(inputs.to(self.device, non_blocking=True))
+            teacher_logits = self.teacher.logits(*self.on_device(inputs, task_ids))
         kl = distill_kl(logits, teacher_logits, targets != IGNORE_INDEX, d.temperature)
         return (d.alpha - 1) * ce + (1 - d.alpha) * kl
 
-    def forward_logits(self, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_logits(self, inputs, task_ids=None) -> tuple[torch.Tensor, torch.Tensor]:
         with self.autocast():
-            return self.engine.forward(inputs.to(self.device, non_blocking=True))
+            return self.engine.forward(*self.on_device(inputs, task_ids))
+
+    def on_device(self, *tensors) -> tuple:
+        return tuple(None if t is None else t.to(self.device, non_blocking=True) for t in tensors)
 
     def train_step(self, collect_stats: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
         """One optimizer step over grad_accum_steps micro-batches: (mean LM loss, grad norm, lr used)."""

@@ -94,11 +94,13 @@ class MoELayer(nn.Module):
         return capacity_plan(route.ids_TK, route.probs_TK, route.active_TK, cfg.num_experts, capacity,
                              cfg.drop_policy, cfg.renormalize, cfg.routed_scale)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, task_ids: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [..., D]; task_ids [...] (x's leading shape): each token's task, for moe.router_input task /
+        token_and_task (ignored by token routing)."""
         if x.shape[-1] != self.d_model:
             raise ValueError(f"MoE input width x.shape[-1]={x.shape[-1]} does not match d_model={self.d_model}")
         x_TD = x.reshape(-1, self.d_model)
-        route = self.router(x_TD)  # float32 (the router upcasts a 16-bit x itself)
+        route = self.router(x_TD, task_ids)  # float32 (the router upcasts a 16-bit x itself)
         plan = self.plan(route)
         # Dispatched rows (and the all-to-all under expert parallelism) carry the compute dtype: bf16 under autocast,
         # half the bytes of the float32 RMSNorm output. The combine accumulates in float32 (weights_A is float32) and

@@ -75,12 +75,31 @@ class TopKRouter(nn.Module):
         self.top_k = cfg.top_k
         self.jitter_eps = cfg.jitter_eps
         self.sample_second = cfg.second_expert_policy == "sampling"
+        self.router_input = cfg.router_input
         # Kept in float32 like DeepSpeed's TopKGate.wg; routing decisions are sensitive to rounding.
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, d_model, dtype=torch.float32))
+        # A learned task embedding in the router's input space (moe.router_input task / token_and_task).
+        self.task_embedding = None
+        if cfg.router_input != "token":
+            self.task_embedding = nn.Parameter(torch.empty(cfg.num_tasks, d_model, dtype=torch.float32))
         self.init_weights()
 
     def init_weights(self, std: float = 0.02) -> None:
         nn.init.normal_(self.weight, std=std)
+        if getattr(self, "task_embedding", None) is not None:
+            nn.init.normal_(self.task_embedding, std=std)
+
+    def router_in(self, x_TD: torch.Tensor, task_T: Optional[torch.Tensor]) -> torch.Tensor:
+        """The vector the router's linear map sees: the token's hidden state, its task's embedding, or their sum."""
+        if self.router_input == "token":
+            return x_TD
+        if task_T is None:
+            raise ValueError(f"moe.router_input={self.router_input!r} needs task ids with the tokens: data=chat "
+                             f"(records' \"task\") or data.task_of_domain=true (the embedded corpus's domains)")
+        task_TD = self.task_embedding[task_T.reshape(-1)]  # [T, D]
+        if self.router_input == "task":
+            return task_TD
+        return x_TD.to(task_TD.dtype) + task_TD
 
     def compute_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         if self.training and self.jitter_eps > 0:
@@ -89,9 +108,10 @@ class TopKRouter(nn.Module):
             x_TD = x32_TD * torch.empty_like(x32_TD).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
         return router_linear(x_TD, self.weight)
 
-    def forward(self, x_TD: torch.Tensor) -> RouterOutput:
+    def forward(self, x_TD: torch.Tensor, task_T: Optional[torch.Tensor] = None) -> RouterOutput:
+        """task_T: int64 [T] task id per token (router_input task / token_and_task); ignored for token routing."""
         with torch.autocast(x_TD.device.type, enabled=False):  # router math stays >= float32 under autocast
-            return self.route(x_TD)
+            return self.route(self.router_in(x_TD, task_T))
 
     def route(self, x_TD: torch.Tensor) -> RouterOutput:
         logits_TE = self.compute_logits(x_TD)
