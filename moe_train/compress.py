@@ -2,7 +2,8 @@
 weights file with N experts per MoE layer, pruned or merged from SOURCE's E (moe_train.serving.compress).
 
     moe-train-compress RUN/weights.safetensors small.safetensors --experts 4 --method prune-reap
-    moe-train-compress RUN/checkpoints small.safetensors --experts 6 --method merge-output-cluster --calibration-batches 32
+    moe-train-compress RUN/checkpoints small.safetensors --experts 6 --method merge-output-cluster \
+        --calibration-batches 32
     moe-train-eval small.safetensors                       # the same validation batches as the source's run
     moe-train init.from=small.safetensors moe.num_experts=4 train.max_steps=50   # a healing fine-tune
     moe-train-convert to-hf small.safetensors small_hf     # a Mixtral with 4 experts

@@ -113,7 +113,8 @@ def task_id(task: str, task_names: Optional[list[str]]) -> int:
         return task_names.index(task)
     if task.isdigit() and int(task) < len(task_names):
         return int(task)
-    raise ValueError(f"--task {task!r}: not one of the data's tasks {task_names} (or their ids 0-{len(task_names) - 1})")
+    raise ValueError(f"--task {task!r}: not one of the data's tasks {task_names} "
+                     f"(or their ids 0-{len(task_names) - 1})")
 
 
 def task_batches(batches: list, task: int) -> list:

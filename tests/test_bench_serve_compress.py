@@ -17,12 +17,14 @@ def test_serve_compress_bench_quick(tmp_path):
     results = bench.main(["--quick", "--corpora", "embedded", "--out", str(out)])
     embedded = results["corpora"]["embedded"]
     d = embedded["distillation"]
-    kept = (d["dense"]["final_val"] - d["distilled"]["final_val"]) / (d["dense"]["final_val"] - d["teacher"]["final_val"])
-    assert d["kept_fraction"] == pytest.approx(kept)
+    dense, teacher = d["dense"]["final_val"], d["teacher"]["final_val"]
+    for arm in d["arms"].values():
+        assert arm["kept_fraction"] == pytest.approx((dense - arm["run"]["final_val"]) / (dense - teacher))
     arms = embedded["compression"]["arms"]
     assert len(arms) == 5  # every method at 4 experts
     for arm in arms.values():  # the healing run's step-0 evaluation is the compressed model's loss
         assert arm["healed_start"] == pytest.approx(arm["val_loss"], abs=1e-5) and math.isfinite(arm["healed_val"])
+        assert arm["healed_delta"] == pytest.approx(arm["healed_val"] - embedded["compression"]["control"])
     assert set(embedded["quantization"]) == {"int8_none", "int4_none", "int8_bf16", "int4_bf16"}
     tasks = results["task_routing"]["task"]["tasks"]
     assert all(t["experts"] == 2 for t in tasks.values())  # router_input=task: top_k experts per task

@@ -4,6 +4,7 @@ sums, the identity at N = E, and the CLI's output read by moe-train-eval, init.f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 
@@ -17,6 +18,7 @@ from moe_train.interop.hf import load_mixtral, load_weights
 from moe_train.interop.cli import main as convert_main
 from moe_train.models.moe.activations import expert_mlp
 from moe_train.models.moe.layer import MoELayer
+from moe_train.models.transformer import build_model
 from moe_train.serving import compress
 from moe_train.serving.calibrate import ExpertStats, accumulate
 from test_distributed_train import make_trainer, overrides
@@ -200,3 +202,21 @@ def test_a_dense_source_is_refused(tmp_path, capsys):
         main([str(tmp_path / "weights.safetensors"), str(tmp_path / "o.safetensors"), "--experts", "2",
               "--method", "prune-reap"])
     assert "is a dense model" in capsys.readouterr().err
+
+
+def test_pruning_equals_masking_the_removed_experts_logits(trained):
+    """Renormalised top-k over the kept experts: the pruned model computes exactly the source model with the removed
+    experts' router logits at -inf (the softmax normaliser cancels in the renormalisation)."""
+    model = load_weights(trained)
+    groups = {f"layers.{i}.moe": compress.prune_groups(torch.tensor([5.0, 1, 4, 0, 3, 2]).roll(i), 4)
+              for i in range(len(model.layers))}
+    small = build_model(model.cfg, dataclasses.replace(model.moe_cfg, num_experts=4)).eval()
+    small.load_state_dict(compress.compress_state(model.state_dict(), groups))
+    for i, layer in enumerate(model.layers):
+        kept = sum((list(g.members) for g in groups[f"layers.{i}.moe"]), [])
+        mask_E = torch.full((6,), float("-inf"))
+        mask_E[kept] = 0.0
+        router = layer.moe.router
+        router.compute_logits = (lambda original, mask: lambda x: original(x) + mask)(router.compute_logits, mask_E)
+    tokens = torch.randint(0, 256, (2, 24))
+    torch.testing.assert_close(small(tokens), model(tokens))

@@ -243,7 +243,8 @@ class ZeroEngine:
     def scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
         return self.engine.lr_scheduler
 
-    def forward(self, inputs: torch.Tensor, task_ids: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, inputs: torch.Tensor,
+                task_ids: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Through the engine: it registers the hooks its backward (and ZeRO 3's gathering) need."""
         return self.engine(inputs, return_aux=True, **task_kwargs(task_ids))
 

@@ -110,14 +110,16 @@ def tracked_peak(model: Transformer, cfg: Config, micro_batch: int) -> dict[str,
     tracker = MemTracker()
     tracker.track_external(model)
     with tracker:
-        micro_batch_loss(lambda inputs, tasks: model(inputs, return_aux=True, task_ids_BS=tasks), cfg, micro_batch).backward()
+        forward = lambda inputs, tasks: model(inputs, return_aux=True, task_ids_BS=tasks)  # noqa: E731
+        micro_batch_loss(forward, cfg, micro_batch).backward()
     (peak,) = tracker.get_tracker_snapshot("peak").values()
     return peak
 
 
 def micro_batch_loss(forward, cfg: Config, micro_batch: int) -> torch.Tensor:
     """The Trainer's loss (LM cross-entropy in float32 + the MoE aux loss, autocast as configured) of a random
-    micro-batch [micro_batch, train.seq_len]; called under FakeTensorMode. forward(inputs, task_ids or None) -> (logits, aux)."""
+    micro-batch [micro_batch, train.seq_len]; called under FakeTensorMode. forward(inputs, task_ids or None) ->
+    (logits, aux)."""
     from moe_train.training.trainer import lm_loss
 
     inputs_BS = torch.randint(0, cfg.model.vocab_size, (micro_batch, cfg.train.seq_len))

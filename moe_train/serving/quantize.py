@@ -106,8 +106,8 @@ class Int4Weight:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         o, i = self.shape
         scale_OG, zero_OG = self.scale_zero_GO2.transpose(0, 1).unbind(-1)
-        w_OGS = (self.codes().float().view(o, i // self.group_size, -1) - 8.0) * scale_OG[..., None] + zero_OG[..., None]
-        return w_OGS.reshape(o, i).to(dtype)
+        q_OGS = self.codes().float().view(o, i // self.group_size, -1)
+        return ((q_OGS - 8.0) * scale_OG[..., None] + zero_OG[..., None]).reshape(o, i).to(dtype)
 
     def matmul(self, x_RI: torch.Tensor) -> torch.Tensor:
         if not use_kernel(x_RI):
@@ -144,8 +144,8 @@ class QuantizedExperts(nn.Module):
         super().__init__()
         check_quantization(mode, group_size)
         self.mode, self.activation = mode, experts.activation
-        quantize = lambda w_EOI: [quantize_weight(w, mode, group_size) for w in w_EOI] if w_EOI is not None else None  # noqa: E731
-        self.w1, self.w2, self.w3 = quantize(experts.w1), quantize(experts.w2), quantize(experts.w3)
+        self.w1, self.w2, self.w3 = (None if w_EOI is None else [quantize_weight(w, mode, group_size) for w in w_EOI]
+                                     for w_EOI in (experts.w1, experts.w2, experts.w3))
 
     @property
     def num_experts(self) -> int:

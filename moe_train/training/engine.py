@@ -32,7 +32,8 @@ class Engine(Protocol):
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
 
-    def forward(self, inputs: torch.Tensor, task_ids: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, inputs: torch.Tensor,
+                task_ids: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, scaled aux loss) of one micro-batch; task_ids: each token's task (task-routed MoE layers)."""
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
@@ -80,7 +81,8 @@ class LocalEngine:
         self.optimizer = build_optimizer(model, cfg.optim, device)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.max_steps)
 
-    def forward(self, inputs: torch.Tensor, task_ids: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, inputs: torch.Tensor,
+                task_ids: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         return self.model(inputs, return_aux=True, **task_kwargs(task_ids))
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
