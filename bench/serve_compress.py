@@ -21,7 +21,7 @@ loss (nats per byte) on the same --eval-batches fixed validation micro-batches o
    moe-train-compress --task extracts, its parameters and its loss on that domain's tokens (moe-train-eval --task)
    against the full model's and the token-routed teacher's.
 
-Run (about 25 minutes on 2 CPU cores):
+Run (about 55 minutes on 2 CPU cores):
     python bench/serve_compress.py --json bench/results/serve_compress.json --out bench/results/serve_compress.md
 Quick check (a minute): python bench/serve_compress.py --quick
 """
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -164,9 +165,10 @@ def distillation_table(results: dict) -> list[str]:
     for corpus, r in results.items():
         d = r["distillation"]
         for arm in d["arms"].values():
+            kept = arm["kept_fraction"]
+            kept = f"{100 * kept:.0f}%" if math.isfinite(kept) else "n/a: the MoE does not beat its dense twin"
             lines.append(f"| {corpus} | {d['teacher']['final_val']:.4f} | {d['dense']['final_val']:.4f} | "
-                         f"{arm['run']['final_val']:.4f} ({arm['alpha']}, {arm['temperature']}) | "
-                         f"{100 * arm['kept_fraction']:.0f}% |")
+                         f"{arm['run']['final_val']:.4f} ({arm['alpha']}, {arm['temperature']}) | {kept} |")
     return lines
 
 
@@ -249,10 +251,17 @@ def main(argv: Optional[list[str]] = None) -> dict:
     parser.add_argument("--corpora", default="embedded,shakespeare")
     parser.add_argument("--quick", action="store_true", help="toy sizes, for a smoke test")
     parser.add_argument("--json"), parser.add_argument("--out")
+    parser.add_argument("--report", metavar="JSON", help="only rewrite the tables from a --json file of an earlier run")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        results = run_all(settings(args), args.corpora.split(","), Path(tmp))
-    text = report(results, "python bench/serve_compress.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    command = "python bench/serve_compress.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.report:
+        results = json.loads(Path(args.report).read_text())
+        command = results.get("command", command)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            results = run_all(settings(args), args.corpora.split(","), Path(tmp))
+        results["command"] = command
+    text = report(results, command)
     print(text)
     for path, content in ((args.json, json.dumps(results, indent=1)), (args.out, text)):
         if path:

@@ -1,5 +1,7 @@
 """`moe-train-compress SOURCE OUT --experts N --method M [--calibration-batches B] [key=value ...] [--json]`: a
 weights file with N experts per MoE layer, pruned or merged from SOURCE's E (moe_train.serving.compress).
+`moe-train-compress SOURCE OUT --task T [--min-usage U]`: the sub-network of the experts task T is routed to
+(task-routed models, moe.router_input; statistics over T's tokens only).
 
     moe-train-compress RUN/weights.safetensors small.safetensors --experts 4 --method prune-reap
     moe-train-compress RUN/checkpoints small.safetensors --experts 6 --method merge-output-cluster \
@@ -7,6 +9,7 @@ weights file with N experts per MoE layer, pruned or merged from SOURCE's E (moe
     moe-train-eval small.safetensors                       # the same validation batches as the source's run
     moe-train init.from=small.safetensors moe.num_experts=4 train.max_steps=50   # a healing fine-tune
     moe-train-convert to-hf small.safetensors small_hf     # a Mixtral with 4 experts
+    moe-train-compress RUN/weights.safetensors code.safetensors --task code   # then: moe-train-eval ... --task code
 
 SOURCE is anything moe-train-eval reads; the configuration is found the same way (the source's run config, its
 model, then the overrides). Calibration: the first B micro-batches of the configured *training* stream (never the

@@ -180,6 +180,8 @@ def test_every_method_writes_a_weights_file_the_tools_accept(trained, tmp_path, 
     (["--experts", "1", "--method", "prune-reap"], "--experts 1: must be an integer with moe.top_k=2"),
     (["--experts", "7", "--method", "prune-reap"], "N <= moe.num_experts=6"),
     (["--experts", "3", "--method", "prune-reap", "--calibration-batches", "0"], "--calibration-batches 0"),
+    (["--experts", "3"], "--experts N and --method M are required (without --task)"),
+    (["--task", "json"], "--task 'json': the data carries no task ids"),
 ])
 def test_bad_requests_exit_with_a_message(trained, tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:

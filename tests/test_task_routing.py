@@ -116,10 +116,17 @@ def test_chat_tokens_carry_their_records_task():
 
 
 # -- training and extraction -----------------------------------------------------------------------------------------
-def test_task_routing_trains_the_same_under_expert_parallelism(tmp_path):
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    return train_layout(0, 1, overrides("dropless", 1, TASK_ROUTED), str(tmp_path_factory.mktemp("one")))
+
+
+@pytest.mark.parametrize("dp, layout", [(2, ("parallel.ep=2",)), (2, ("parallel.ep=2", "fsdp.enabled=true")),
+                                        (1, ("parallel.tp=2",))], ids=["ep2", "fsdp_ep2", "tp2"])
+def test_task_routing_trains_the_same_under_every_layout(one_process, tmp_path, dp, layout):
     """5 steps of losses and the first step's gradients (the task embeddings' included) equal one process's."""
-    ref = train_layout(0, 1, overrides("dropless", 1, TASK_ROUTED), str(tmp_path / "one"))
-    results = run_ranks(2, train_layout, overrides("dropless", 2, (*TASK_ROUTED, "parallel.ep=2")), str(tmp_path))
+    ref = one_process
+    results = run_ranks(2, train_layout, overrides("dropless", dp, (*TASK_ROUTED, *layout)), str(tmp_path))
     assert results[0]["losses"] == pytest.approx(ref["losses"], abs=1e-5)
     assert ref["grads"]["layers.0.moe.router.task_embedding"].abs().sum() > 0
     for res in results:
