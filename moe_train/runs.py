@@ -12,6 +12,7 @@ import json
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 METRICS = "metrics.jsonl"
 OVERRIDES = Path(".hydra") / "overrides.yaml"
@@ -23,11 +24,14 @@ class Run:
     overrides: list[str]
     train: list[dict] = field(default_factory=list)  # rows with "loss"
     evals: list[dict] = field(default_factory=list)  # rows with "val_loss"
+    shown: Optional[list[str]] = None  # the overrides that tell it from the runs it is shown with (label_runs)
 
     @property
     def name(self) -> str:
-        """The job's overrides when it has any (what differs between the jobs of a sweep), else its directory."""
-        return " ".join(self.overrides) if self.overrides else self.path.name
+        """Its overrides (those that differ from the other runs shown, e.g. a sweep's swept keys), else its
+        directory."""
+        shown = self.overrides if self.shown is None else self.shown
+        return " ".join(shown) if shown else self.path.name
 
     def series(self, key: str, rows: str = "train") -> tuple[list[int], list[float]]:
         """(steps, values) of `key` over the training (or evaluation) rows that have it."""
@@ -83,6 +87,15 @@ def find_runs(paths: list[str]) -> list[Run]:
             raise ValueError(f"{str(p)!r} is neither a run directory (no {METRICS}) nor a multirun directory (no "
                              f"job directory with one)")
         runs.extend(read_run(d) for d in jobs)
+    return label_runs(runs)
+
+
+def label_runs(runs: list[Run]) -> list[Run]:
+    """Name each run by the overrides not shared by all of them (a sweep's common settings say nothing)."""
+    if len(runs) > 1:
+        common = set.intersection(*(set(run.overrides) for run in runs))
+        for run in runs:
+            run.shown = [o for o in run.overrides if o not in common]
     return runs
 
 

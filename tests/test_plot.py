@@ -26,7 +26,7 @@ def sweep(tmp_path_factory) -> pathlib.Path:
         job_dir = root / str(job)
         train_and_save(0, 1, overrides("capacity", 1, (*SHORT, f"moe.top_k={top_k}")), str(job_dir))
         (job_dir / ".hydra").mkdir()
-        (job_dir / ".hydra" / "overrides.yaml").write_text(f"- moe.top_k={top_k}\n")
+        (job_dir / ".hydra" / "overrides.yaml").write_text(f"- train.max_steps=4\n- moe.top_k={top_k}\n")
     return root
 
 
@@ -47,17 +47,18 @@ def test_one_run(sweep, capsys):
     assert image(out / "loss.png").shape[:2] == (450, 800) and image(out / "balance.png").shape[:2] == (400, 1300)
     rows = json.loads((out / "summary.json").read_text())
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert rows[0]["run"] == "moe.top_k=1" and rows[0]["steps"] == 4
+    assert rows[0]["run"] == "train.max_steps=4 moe.top_k=1" and rows[0]["steps"] == 4  # alone: all its overrides
     assert rows[0]["final_loss"] == [m for m in metrics if "loss" in m][-1]["loss"]
     assert rows[0]["best_val_loss"] == min(m["val_loss"] for m in metrics if "val_loss" in m)
-    assert "| moe.top_k=1 | 4 |" in capsys.readouterr().out
+    assert "| train.max_steps=4 moe.top_k=1 | 4 |" in capsys.readouterr().out
 
 
 def test_a_sweep_is_overlaid_one_row_of_heatmaps_per_job(sweep, tmp_path, capsys):
     main([str(sweep), "--out", str(tmp_path)])
     assert image(tmp_path / "expert_load.png").shape[:2] == (520, 640)  # 2 jobs x 2 layers
     rows = json.loads((tmp_path / "summary.json").read_text())
-    assert [r["run"] for r in rows] == ["moe.top_k=1", "moe.top_k=2"]
+    assert [r["run"] for r in rows] == ["moe.top_k=1", "moe.top_k=2"]  # what differs between the jobs
+    assert rows[1]["overrides"] == ["train.max_steps=4", "moe.top_k=2"]
     table = (tmp_path / "summary.md").read_text()
     assert table.count("| moe.top_k=") == 2 and table in capsys.readouterr().out
 
