@@ -49,7 +49,6 @@ def check_request(source: WeightSource, args: argparse.Namespace) -> None:
         raise ValueError(f"{source.path!r} is a dense model (model.moe_every=0): no experts to compress")
     if args.task is None and (args.experts is None or args.method is None):
         raise ValueError("--experts N and --method M are required (without --task)")
-    compress.check_method(args.method or "prune-frequency")
     if args.experts is not None:
         compress.check_target(moe_cfg.num_experts, moe_cfg.top_k, args.experts)
     if not 0 <= args.min_usage < 1:

@@ -38,11 +38,13 @@ def load_token_stream(cfg: DataConfig, tokenizer) -> torch.Tensor:
 
 
 def load_stream(cfg: DataConfig, tokenizer) -> tuple[Stream, Optional[list[str]]]:
-    """The whole stream of a text source, with the domain of each token as its task (data.task_of_domain)."""
-    tokens = load_token_stream(cfg, tokenizer)
+    """The whole stream of a text source, with the domain of each token as its task (data.task_of_domain: the
+    embedded corpus, generated once for both)."""
     if not cfg.task_of_domain:
-        return Stream(tokens), None
-    tasks = domain_labels(embedded_documents(cfg.embedded_size), tokenizer, DOMAINS)[:len(tokens)]
+        return Stream(load_token_stream(cfg, tokenizer)), None
+    pairs = embedded_documents(cfg.embedded_size)
+    tokens = encode_documents((text for _, text in pairs), tokenizer, cfg.max_tokens)
+    tasks = domain_labels(pairs, tokenizer, DOMAINS)[:len(tokens)]
     return Stream(tokens, tasks=tasks.to(torch.int32)), list(DOMAINS)
 
 

@@ -99,6 +99,7 @@ def average_linkage(distance_EE: torch.Tensor, n: int) -> list[list[int]]:
 
 def layer_groups(method: str, stats: ExpertStats, n: int) -> list[Group]:
     """The N output experts of one layer under `method`."""
+    check_method(method)
     if method == "prune-frequency":
         return prune_groups(stats.counts_E, n)
     if method == "prune-reap":
