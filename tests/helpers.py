@@ -31,7 +31,7 @@ def forward_backward(layer, x: torch.Tensor, upstream: torch.Tensor | None = Non
 def routing_of(layer, x_TD: torch.Tensor):
     """The router output and dispatch plan the layer computes for x_TD (same RNG draws as a forward)."""
     route = layer.router(x_TD)
-    return route, layer.plan(route)
+    return route, route.plan
 
 
 def capture_route(layer) -> dict:

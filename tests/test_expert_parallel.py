@@ -20,10 +20,18 @@ def inputs(rank: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     return (x.abs() if mode == "skewed" else x), torch.randn(T, D, generator=g)
 
 
+MODE_CONFIGS = {"capacity": dict(capacity_factor=1.0), "dropless": dict(capacity_factor=-1.0),
+                "skewed": dict(capacity_factor=-1.0),
+                "expert_choice": dict(router="expert_choice", capacity_factor=1.0),
+                "sigmoid_bias": dict(score_func="sigmoid", bias_update_rate=1e-3, capacity_factor=1.0),
+                "sequence_scope": dict(aux_loss_scope="sequence", capacity_factor=-1.0)}
+
+
 def layer_for(mode: str):
     torch.manual_seed(0)
-    cf = {"capacity": 1.0, "dropless": -1.0, "skewed": -1.0}[mode]
-    layer = make_layer(d_model=D, num_experts=4, top_k=2, capacity_factor=cf, min_capacity=0)
+    layer = make_layer(d_model=D, num_experts=4, top_k=2, min_capacity=0, **MODE_CONFIGS[mode])
+    if mode == "sigmoid_bias":
+        layer.router.expert_bias.copy_(torch.tensor([0.2, -0.1, 0.0, 0.05]))
     if mode == "skewed":  # every token picks experts 0 and 1: rank 1's experts receive no rows at all
         with torch.no_grad():  # with positive inputs, experts 0 and 1 always have the larger logits
             layer.router.weight[:2] = 0.1
@@ -65,7 +73,7 @@ def reference(mode: str, world_size: int) -> tuple[list[torch.Tensor], dict]:
     return outs, {**grads, "router": layer.router.weight.grad}
 
 
-@pytest.mark.parametrize("mode", ["capacity", "dropless", "skewed"])
+@pytest.mark.parametrize("mode", sorted(MODE_CONFIGS))
 def test_ep2_outputs_and_gradients_equal_single_process(mode):
     results = run_ranks(2, run_ep_layer, mode)
     outs, grads = reference(mode, 2)

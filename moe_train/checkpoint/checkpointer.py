@@ -21,6 +21,7 @@ from moe_train.checkpoint.placement import placements
 from moe_train.checkpoint.state import load_model, load_optimizer, rank_share, restore_rng, rng_tensors
 from moe_train.checkpoint.storage import ChunkReader
 from moe_train.config.checkpoint import CheckpointConfig
+from moe_train.models.shard_spec import persistent_buffers
 from moe_train.parallel.context import ParallelContext
 
 
@@ -129,7 +130,8 @@ def check_compatible(manifest: dict, parts: CheckpointParts) -> None:
             diffs.append(f"parameter {name}: missing from the checkpoint")
         elif tuple(entry["global_shape"]) != p.global_shape:
             diffs.append(f"parameter {name}: checkpoint shape {entry['global_shape']}, this run {list(p.global_shape)}")
-    extra = sorted(k[len("model/"):] for k in tensors if k.startswith("model/") and k[len("model/"):] not in place)
+    known = set(place) | set(persistent_buffers(parts.model))
+    extra = sorted(k[len("model/"):] for k in tensors if k.startswith("model/") and k[len("model/"):] not in known)
     diffs += [f"parameter {name}: in the checkpoint, not in this model" for name in extra]
     if diffs:
         raise manager.CheckpointError("the checkpoint's model differs from this run's; resuming needs the same "
@@ -139,7 +141,9 @@ def check_compatible(manifest: dict, parts: CheckpointParts) -> None:
 def restore(parts: CheckpointParts, directory: Path, manifest: dict, say: Callable[[str], None]) -> None:
     reader = ChunkReader(directory, manifest["tensors"])
     place = placements(parts.model, parts.ctx)
-    load_model(parts.model, parts.holder, reader, place)
+    missing = load_model(parts.model, parts.holder, reader, place)
+    if missing:
+        say(f"the checkpoint has no {', '.join(missing)}: starting from their initial values (zero bias)")
     load_optimizer(parts.model, parts.holder, reader, place, manifest["optimizer_scalars"])
     state = manifest["trainer"]
     parts.train_state.load_state_dict(state)

@@ -11,6 +11,7 @@ from torch import nn
 
 from moe_train.checkpoint.placement import Placement, placements
 from moe_train.checkpoint.storage import ChunkReader
+from moe_train.models.shard_spec import persistent_buffers
 from moe_train.parallel.context import ParallelContext
 
 
@@ -31,7 +32,14 @@ def rank_share(model: nn.Module, holder, ctx: ParallelContext, file: str) -> tup
             for key, flat in state.items():
                 add_chunks(tensors, index, f"optim/{name}/{key}", pl, start, flat, file)
             scalars[name] = holder.scalars(p)  # host sync per parameter (small; only when saving)
+    for name, buf in persistent_buffers(model).items():  # identical on every rank: rank 0 writes them
+        if ctx.rank == 0:
+            add_chunks(tensors, index, f"model/{name}", whole_placement(buf), 0, buf.detach().reshape(-1), file)
     return tensors, index, {name: values for name, values in scalars.items() if values}
+
+
+def whole_placement(t: torch.Tensor) -> Placement:
+    return Placement(tuple(t.shape), (0,) * t.dim(), tuple(t.shape), per_expert=False, writer=True)
 
 
 def add_chunks(tensors: dict, index: dict, key: str, place: Placement, start: int, flat: torch.Tensor,
@@ -65,9 +73,18 @@ def read_local(reader: ChunkReader, key: str, p: torch.Tensor, place: Placement)
 
 
 @torch.no_grad()
-def load_model(model: nn.Module, holder, reader: ChunkReader, place: dict[str, Placement]) -> None:
+def load_model(model: nn.Module, holder, reader: ChunkReader, place: dict[str, Placement]) -> list[str]:
+    """Parameters and persistent buffers from the checkpoint; returns the buffers it lacks (they keep their
+    initial values: a balancing bias switched on when resuming starts at zero)."""
     for name, p in model.named_parameters():
         holder.load_weights(p, read_local(reader, f"model/{name}", p, place[name]))
+    missing = []
+    for name, buf in persistent_buffers(model).items():
+        if f"model/{name}" in reader.index:
+            buf.copy_(read_local(reader, f"model/{name}", buf, whole_placement(buf)))
+        else:
+            missing.append(name)
+    return missing
 
 
 @torch.no_grad()

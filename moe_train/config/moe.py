@@ -11,7 +11,9 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-ROUTERS = ("topk", "noisy_topk")
+ROUTERS = ("topk", "noisy_topk", "expert_choice")
+SCORE_FUNCS = ("softmax", "sigmoid")
+AUX_LOSS_SCOPES = ("micro_batch", "sequence", "global_batch")
 ACTIVATIONS = ("swiglu", "gelu", "relu")
 SECOND_EXPERT_POLICIES = ("all", "sampling")
 DROP_POLICIES = ("position", "probability")
@@ -39,7 +41,29 @@ class MoEConfig:
 
     router: str = "topk"
     """Gating function. `topk`: softmax over the linear router logits, keep the k largest.
-    `noisy_topk` (Shazeer et al. 2017): logits + N(0, 1) * softplus(x W_noise) with a trainable W_noise, training only."""
+    `noisy_topk` (Shazeer et al. 2017): logits + N(0, 1) * softplus(x W_noise) with a trainable W_noise, training only.
+    `expert_choice` (Zhou et al. 2022): in training each expert takes its C most probable tokens of the micro-batch
+    (C from capacity_factor and top_k as below), so a token gets 0..E experts and every expert is full. Not causal:
+    a token's experts depend on the other tokens of the batch, later ones included; in eval mode (validation,
+    generation) the router falls back to causal token-choice top-k over the same scores (docs/ROUTING.md)."""
+
+    score_func: str = "softmax"
+    """Router scores from the logits. `softmax` over the experts (Mixtral, Switch). `sigmoid` per expert
+    (DeepSeek-V3): the gates are the selected experts' sigmoid scores, normalised over them when renormalize=true;
+    the load-balancing loss and router entropy use the scores normalised over all experts."""
+
+    bias_update_rate: float = 0.0
+    """Aux-loss-free balancing (DeepSeek-V3): a per-expert bias added to the scores for *selection only* (the gates
+    stay the unbiased scores), updated after every optimizer step by bias_e += rate * sign(mean load - load_e), the
+    loads being the step's router choices summed over all data- and expert-parallel ranks (identical everywhere);
+    checkpointed with the model. DeepSeek-V3: 1e-3 (usually with aux_loss_coef=0). 0 = off. Token-choice routers."""
+
+    aux_loss_scope: str = "micro_batch"
+    """Over which tokens the load-balancing loss counts f_e and averages P_e. `micro_batch`: this rank's
+    micro-batch (Switch, GShard). `sequence`: per sequence, then averaged over the sequences (DeepSeek-V3's
+    sequence-wise loss, Megatron `seq_aux_loss`). `global_batch`: f_e counted over the micro-batch of every data- and
+    expert-parallel rank (one all-reduce of E + 1 numbers per MoE layer and micro-batch; Megatron `global_aux_loss`,
+    which also averages over the step's micro-batches so far)."""
 
     renormalize: bool = True
     """Rescale the kept experts' probabilities to sum to 1 per token (Mixtral, GShard top-2). False keeps the raw
@@ -142,7 +166,8 @@ def validate_moe_config(cfg: MoEConfig, d_model: Optional[int] = None) -> None:
         raise ValueError(f"d_model={d_model} must be >= 1")
     for name, allowed in (("activation", ACTIVATIONS), ("router", ROUTERS), ("drop_policy", DROP_POLICIES),
                           ("second_expert_policy", SECOND_EXPERT_POLICIES),
-                          ("aux_loss_counting", AUX_LOSS_COUNTING), ("expert_impl", EXPERT_IMPLS)):
+                          ("aux_loss_counting", AUX_LOSS_COUNTING), ("expert_impl", EXPERT_IMPLS),
+                          ("score_func", SCORE_FUNCS), ("aux_loss_scope", AUX_LOSS_SCOPES)):
         _check_choice(name, getattr(cfg, name), allowed)
     if cfg.second_expert_policy == "sampling" and cfg.top_k != 2:
         raise ValueError(f"moe.second_expert_policy='sampling' needs moe.top_k=2, got moe.top_k={cfg.top_k}")
@@ -151,7 +176,7 @@ def validate_moe_config(cfg: MoEConfig, d_model: Optional[int] = None) -> None:
     for name in ("min_capacity", "num_shared_experts"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"moe.{name}={getattr(cfg, name)} must be >= 0")
-    for name in ("jitter_eps", "aux_loss_coef", "z_loss_coef"):
+    for name in ("jitter_eps", "aux_loss_coef", "z_loss_coef", "bias_update_rate"):
         value = getattr(cfg, name)
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"moe.{name}={value!r} must be a finite number >= 0")
@@ -165,3 +190,16 @@ def validate_moe_config(cfg: MoEConfig, d_model: Optional[int] = None) -> None:
                          f"needs num_tasks >= 1 (the data's number of tasks), token routing num_tasks=0")
     if cfg.jitter_eps >= 1:
         raise ValueError(f"moe.jitter_eps={cfg.jitter_eps} must be < 1 (the input is scaled by U(1-eps, 1+eps))")
+    _check_expert_choice(cfg)
+
+
+def _check_expert_choice(cfg: MoEConfig) -> None:
+    if cfg.router != "expert_choice":
+        return
+    if cfg.dropless:
+        raise ValueError(f"moe.router='expert_choice' fills every expert's C = capacity_factor * top_k * tokens / "
+                         f"num_experts slots; it needs a positive moe.capacity_factor, got {cfg.capacity_factor}")
+    if cfg.second_expert_policy != "all" or cfg.bias_update_rate > 0:
+        raise ValueError(f"moe.router='expert_choice' is balanced by construction: it takes neither "
+                         f"moe.second_expert_policy={cfg.second_expert_policy!r} (use 'all') nor "
+                         f"moe.bias_update_rate={cfg.bias_update_rate} (use 0)")

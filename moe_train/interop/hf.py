@@ -65,12 +65,16 @@ MOE_KEYS = {  # MoEConfig field -> Mixtral config key
 MOE_FIXED = {  # what Mixtral does and has no key for: SwiGLU experts, softmax top-k renormalised, never drops tokens
     "activation": "swiglu", "router": "topk", "renormalize": True, "aux_loss_counting": "all",
     "capacity_factor": DROPLESS, "eval_capacity_factor": DROPLESS, "num_shared_experts": 0, "routed_scale": 1.0,
-    "second_expert_policy": "all",
+    "second_expert_policy": "all", "score_func": "softmax", "bias_update_rate": 0.0,
 }
 MIXTRAL_REQUIREMENTS = (  # (field, read it, the only value Mixtral can express, why)
     ("model.moe_every", lambda m, e: m.moe_every, 1, "Mixtral has an MoE feed-forward in every layer"),
     ("moe.activation", lambda m, e: e.activation, "swiglu", "Mixtral experts are SwiGLU (w1, w2, w3)"),
-    ("moe.router", lambda m, e: e.router, "topk", "Mixtral's router is a plain linear gate (no noise weight)"),
+    ("moe.router", lambda m, e: e.router, "topk", "Mixtral's router is a plain linear gate (no noise weight) "
+                                                   "with token-choice top-k (no expert choice)"),
+    ("moe.score_func", lambda m, e: e.score_func, "softmax", "Mixtral gates with a softmax over the experts"),
+    ("moe.bias_update_rate", lambda m, e: e.bias_update_rate, 0.0, "Mixtral selects experts by the router "
+                                                                   "logits alone (no balancing bias)"),
     ("moe.renormalize", lambda m, e: e.renormalize, True, "Mixtral renormalises the top-k weights to sum to 1"),
     ("moe.num_shared_experts", lambda m, e: e.num_shared_experts, 0, "Mixtral has no shared experts"),
     ("moe.router_input", lambda m, e: e.router_input, "token", "Mixtral's router sees the token only (no task "

@@ -29,7 +29,7 @@ from moe_train.config.model import ModelConfig
 from moe_train.config.moe import MoEConfig
 from moe_train.interop import hf, hf_dense
 from moe_train.models import upcycle
-from moe_train.models.shard_spec import ShardSpec
+from moe_train.models.shard_spec import ShardSpec, persistent_buffers, tensor_specs
 
 Read = Callable[[str], torch.Tensor]  # our parameter name -> its whole (global) tensor
 
@@ -150,8 +150,11 @@ def unexpected(source: WeightSource, used: set[str]) -> list[str]:
             for name in sorted(set(source.shapes) - used)]
 
 
-def direct_plan(source: WeightSource, specs: dict[str, ShardSpec]) -> tuple[dict[str, Region], list[str]]:
-    """Same names and shapes: (plan, problems)."""
+def direct_plan(source: WeightSource, specs: dict[str, ShardSpec],
+                optional: frozenset[str] = frozenset()) -> tuple[dict[str, Optional[Region]], list[str]]:
+    """Same names and shapes: (plan, problems). `optional` names (persistent buffers: a balancing bias switched on
+    for this run) may be missing from the source: they keep their initial value (plan None)."""
+    specs = {name: spec for name, spec in specs.items() if name in source.shapes or name not in optional}
     problems = [problem for name, spec in specs.items() for problem in shape_problem(source, name, spec)]
     return {name: copy_region(source, name) for name in specs}, problems + unexpected(source, set(specs))
 
@@ -243,9 +246,9 @@ def build_plan(model: nn.Module, source: WeightSource, cfg: InitConfig, seed: in
     if cfg.upcycle:
         up = UpcycleSettings(cfg.upcycle_granularity, cfg.upcycle_noise, model.moe_cfg.routed_scale, seed,
                              model.cfg.init_std)
-        plan, problems = upcycle_plan(source, model.shard_specs, up)
+        plan, problems = upcycle_plan(source, tensor_specs(model), up)
     else:
-        plan, problems = direct_plan(source, model.shard_specs)
+        plan, problems = direct_plan(source, tensor_specs(model), frozenset(persistent_buffers(model)))
     if problems:
         differences = config_differences(source, model.cfg, model.moe_cfg, cfg.upcycle)
         hint = f"\n  this run's config differs from the source's: {', '.join(differences)}" if differences else ""
@@ -256,12 +259,14 @@ def build_plan(model: nn.Module, source: WeightSource, cfg: InitConfig, seed: in
 
 @torch.no_grad()
 def apply_plan(model: nn.Module, plan: dict[str, Optional[Region]]) -> None:
-    """Each parameter's local region (FSDP2: this rank's rows of the DTensor) from its plan entry."""
-    for name, p in model.named_parameters():
+    """Each parameter's local region (FSDP2: this rank's rows of the DTensor) and each persistent buffer from its
+    plan entry."""
+    specs = tensor_specs(model)
+    for name, p in [*model.named_parameters(), *persistent_buffers(model).items()]:
         region = plan.get(name)
         if region is not None:
             local = p.to_local() if hasattr(p, "to_local") else p
-            local.copy_(region(model.shard_specs[name], local.device))
+            local.copy_(region(specs[name], local.device))
 
 
 def load_initial_weights(model: nn.Module, cfg: InitConfig, seed: int, distributed: bool = False,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import torch
 from torch import nn
 
 
@@ -69,3 +70,20 @@ def shard_specs(model: nn.Module) -> dict[str, ShardSpec]:
     `shard_specs` (a foreign model, e.g. HF's in the benchmarks) is whole and has no routed-expert stacks."""
     specs = getattr(model, "shard_specs", None)
     return specs if specs is not None else whole_specs(model, set())
+
+
+def persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Buffers that are part of the model's state (the routers' balancing bias), by name; replicated on every rank,
+    so each is whole. Non-persistent buffers (RoPE tables) are recomputed and left out."""
+    found = {}
+    for module_name, module in model.named_modules():
+        for name, buf in module.named_buffers(recurse=False):
+            if name not in module._non_persistent_buffers_set:
+                found[f"{module_name}.{name}" if module_name else name] = buf
+    return found
+
+
+def tensor_specs(model: nn.Module) -> dict[str, ShardSpec]:
+    """shard_specs plus a whole spec per persistent buffer: every tensor a weights file or checkpoint holds."""
+    buffers = {name: ShardSpec.whole(buf.shape) for name, buf in persistent_buffers(model).items()}
+    return {**shard_specs(model), **buffers}

@@ -128,6 +128,8 @@ class Transformer(nn.Module):
         if seed is None:
             seed = int(torch.randint(0, 2 ** 62, ()).item())
         init_parameters(self, self.shard_specs, self.cfg.init_std, seed)
+        for moe in self.moe_layers():
+            moe.router.init_buffers()  # the balancing bias starts at zero
         self.build_rope(self.tok_embeddings.weight.device)
 
     def moe_layers(self) -> Iterator[MoELayer]:

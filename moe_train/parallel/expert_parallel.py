@@ -90,7 +90,24 @@ def balanced_splits(rows: int, ep: int, local_experts: int) -> tuple[list[int], 
     return send, [even_parts(n, local_experts) for n in send]
 
 
-class AllToAllDispatcher(LocalDispatcher):
+class BatchSumDispatcher(LocalDispatcher):
+    """The local dispatcher whose `batch_sum` adds the counts of every data- and expert-parallel rank (the global
+    batch's load, for moe.aux_loss_scope=global_batch). batch_group None: this rank holds the whole batch."""
+
+    def __init__(self, batch_group: dist.ProcessGroup | None = None):
+        super().__init__()
+        self.batch_group = batch_group
+
+    @torch.compiler.disable
+    def batch_sum(self, counts: torch.Tensor) -> torch.Tensor:
+        if self.batch_group is None:
+            return counts
+        total = counts.detach().clone()
+        dist.all_reduce(total, group=self.batch_group)  # collective: E + 1 numbers per layer and micro-batch
+        return total
+
+
+class AllToAllDispatcher(BatchSumDispatcher):
     """Capacity: equal-split all-to-all of the [E, C, D] buffer, local experts run on [L, P*C, D].
     Dropless: per-expert counts exchanged first (a host sync), then a variable-split all-to-all."""
 
@@ -148,6 +165,18 @@ def apply_ep(model: nn.Module, group: dist.ProcessGroup | None, ep_rank: int, ep
         for name, _ in moe.experts.named_parameters():
             shard_param(model, f"{prefix}.experts.{name}", 0, ep_rank, ep, "ep")
         moe.dispatcher = AllToAllDispatcher(group, ep, counter)
+
+
+def apply_batch_scope(model: nn.Module, group: dist.ProcessGroup | None, scope: str) -> None:
+    """moe.aux_loss_scope=global_batch over several data-parallel ranks: every MoE layer's dispatcher sums the
+    balancing counts over `group` (the dp group: all ranks holding different tokens, ep ranks included)."""
+    if scope != "global_batch" or group is None:
+        return
+    for moe in (m for m in model.modules() if isinstance(m, MoELayer)):
+        if isinstance(moe.dispatcher, BatchSumDispatcher):
+            moe.dispatcher.batch_group = group
+        else:
+            moe.dispatcher = BatchSumDispatcher(group)
 
 
 def capacity_a2a_bytes(num_moe_layers: int, micro_batches: int, num_experts: int, capacity: int, d_model: int,

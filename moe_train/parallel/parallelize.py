@@ -1,6 +1,7 @@
 """`parallelize`: the one place where a model built for one process is turned into this rank's part of the
 layout, in a fixed order: tensor parallelism, then expert parallelism (they split different dimensions of the
-expert stacks: tp the width F, ep the expert dimension E), then activation checkpointing, then torch.compile of
+expert stacks: tp the width F, ep the expert dimension E), then the data-parallel group of a global-batch
+balancing loss (installed in the dispatchers ep chose), then activation checkpointing, then torch.compile of
 each block (last: it compiles the sharded blocks with their installed dispatchers and checkpoints).
 
 It runs on the meta device in the Trainer (sharded construction: only shapes are cut, and each rank then allocates
@@ -18,7 +19,7 @@ from moe_train.models.shard_spec import shard_specs
 from moe_train.parallel.activation_checkpoint import apply_ac
 from moe_train.parallel.compile import apply_compile
 from moe_train.parallel.context import ParallelContext
-from moe_train.parallel.expert_parallel import CommCounter, apply_ep
+from moe_train.parallel.expert_parallel import CommCounter, apply_batch_scope, apply_ep
 from moe_train.parallel.tensor_parallel import apply_tp
 
 
@@ -26,6 +27,7 @@ def parallelize(model: nn.Module, ctx: ParallelContext, cfg: Config, counter: Co
     groups = ctx.groups
     apply_tp(model, groups.tp if groups else None, ctx.tp_rank, ctx.dims.tp, cfg.parallel.expert_tp)
     apply_ep(model, groups.ep if groups else None, ctx.ep_rank, ctx.dims.ep, counter)
+    apply_batch_scope(model, groups.dp if groups else None, cfg.moe.aux_loss_scope)
     apply_ac(model, cfg.train.activation_checkpointing)
     apply_compile(model, cfg.train.compile)
     if cfg.fsdp.enabled:

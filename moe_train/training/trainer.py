@@ -30,6 +30,7 @@ from moe_train.parallel.expert_parallel import CommCounter
 from moe_train.parallel.parallelize import shard_for_training
 from moe_train.training.loggers import Console, MetricsFile, Progress, build_logger
 from moe_train.training.distill import Teacher, distill_kl
+from moe_train.training.expert_bias import ExpertBiasUpdater
 from moe_train.training.moe_stats import MoEStatsAccumulator
 from moe_train.training.engine import Engine, build_engine
 
@@ -114,6 +115,7 @@ class Trainer:
         self.description = self.describe_model()  # before ZeRO-3 partitions the parameters
         self.engine = self.build_engine()  # collective when distributed
         self.stats = MoEStatsAccumulator(self.model)
+        self.expert_bias = ExpertBiasUpdater(self.model, cfg.moe.bias_update_rate)
         self.state = TrainState()
         self.checkpointer = self.build_checkpointer()
         self.checkpointer.resume(resume_point)  # collective when distributed
@@ -231,7 +233,9 @@ class Trainer:
         """One optimizer step over grad_accum_steps micro-batches: (mean LM loss, grad norm, lr used)."""
         loss, grad_norm = self.compute_gradients(collect_stats)
         lr = self.scheduler.get_last_lr()[0]
-        return loss, self.engine.step(grad_norm), lr  # collectives under ZeRO; steps the schedule too
+        grad_norm = self.engine.step(grad_norm)  # collectives under ZeRO; steps the schedule too
+        self.expert_bias.step(self.group("dp"))  # collective when biased routers train on several ranks
+        return loss, grad_norm, lr
 
     def compute_gradients(self, collect_stats: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Forward/backward of this rank's micro-batches, gradients reduced over the layout and clipped:
@@ -242,6 +246,7 @@ class Trainer:
             loss, aux_loss = self.forward_loss(*self.data.train.next_batch())
             self.engine.backward(loss + aux_loss, last=i == accum - 1)  # collectives under ZeRO 2/3
             loss_sum += loss.detach()
+            self.expert_bias.add()
             if collect_stats:
                 self.stats.add()
         return loss_sum / accum, self.reduce_and_clip()

@@ -1,4 +1,5 @@
-"""The MoE feed-forward layer: route -> plan -> dispatch -> experts -> combine (+ shared experts).
+"""The MoE feed-forward layer: route (the router also plans the dispatch) -> dispatch -> experts -> combine
+(+ shared experts).
 
 Shape legend: T tokens (all leading dims of the input flattened), D model width, E experts, K experts per token.
 
@@ -20,8 +21,7 @@ from moe_train.models.moe import losses
 from moe_train.models.moe.dispatch import LocalDispatcher
 from moe_train.models.moe.activations import expert_mlp
 from moe_train.models.moe.experts import GroupedExperts, to_compute_dtype
-from moe_train.models.moe.router import RouterOutput, build_router
-from moe_train.models.moe.routing import DispatchPlan, capacity_plan, dropless_plan, expert_capacity
+from moe_train.models.moe.router import Routing, build_router
 
 
 @dataclass
@@ -34,6 +34,7 @@ class MoEStats:
     aux_loss: torch.Tensor  # unscaled load-balancing loss L_aux
     z_loss: torch.Tensor  # unscaled router z-loss L_z
     capacity: Optional[int]  # C, or None when dropless
+    choices_E: torch.Tensor  # [E] float: pairs the router chose per expert, before capacity (the balancing load)
 
 
 class SharedExperts(nn.Module):
@@ -84,16 +85,6 @@ class MoELayer(nn.Module):
             if module is not None:
                 module.init_weights(std)
 
-    def plan(self, route: RouterOutput) -> DispatchPlan:
-        cfg = self.cfg
-        capacity_factor = cfg.capacity_factor_for(self.training)
-        if capacity_factor < 0:
-            return dropless_plan(route.ids_TK, route.probs_TK, cfg.num_experts, cfg.renormalize, cfg.routed_scale)
-        num_tokens = route.ids_TK.shape[0]
-        capacity = expert_capacity(num_tokens, cfg.num_experts, cfg.top_k, capacity_factor, cfg.min_capacity)
-        return capacity_plan(route.ids_TK, route.probs_TK, route.active_TK, cfg.num_experts, capacity,
-                             cfg.drop_policy, cfg.renormalize, cfg.routed_scale)
-
     def forward(self, x: torch.Tensor, task_ids: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [..., D]; task_ids [...] (x's leading shape): each token's task, for moe.router_input task /
         token_and_task (ignored by token routing)."""
@@ -101,7 +92,7 @@ class MoELayer(nn.Module):
             raise ValueError(f"MoE input width x.shape[-1]={x.shape[-1]} does not match d_model={self.d_model}")
         x_TD = x.reshape(-1, self.d_model)
         route = self.router(x_TD, task_ids)  # float32 (the router upcasts a 16-bit x itself)
-        plan = self.plan(route)
+        plan = route.plan  # the router's own plan: token choice (capacity or dropless) or expert choice
         # Dispatched rows (and the all-to-all under expert parallelism) carry the compute dtype: bf16 under autocast,
         # half the bytes of the float32 RMSNorm output. The combine accumulates in float32 (weights_A is float32) and
         # returns x's dtype (the residual stream's).
@@ -109,22 +100,25 @@ class MoELayer(nn.Module):
         out_TD = self.dispatcher.combine(self.experts(batch.x, batch.counts), plan, batch).to(x.dtype)
         if self.shared_experts is not None:
             out_TD = out_TD + self.shared_experts(x_TD)
-        aux_loss, lb_loss, z_loss = self.router_losses(route)
-        self.last_stats = self.collect_stats(route, plan, lb_loss, z_loss)
+        seq_len = x.shape[-2] if x.dim() > 2 else x_TD.shape[0]  # [B, S, D] inputs; a [T, D] input is one sequence
+        aux_loss, lb_loss, z_loss = self.router_losses(route, seq_len)
+        self.last_stats = self.collect_stats(route, lb_loss, z_loss)
         return out_TD.view(x.shape), aux_loss
 
-    def router_losses(self, route: RouterOutput) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(aux_loss_coef * L_aux + z_loss_coef * L_z, L_aux, L_z); see losses.py for the formulas."""
+    def router_losses(self, route: Routing,
+                      seq_len: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(aux_loss_coef * L_aux + z_loss_coef * L_z, L_aux, L_z); see losses.py for the formulas. seq_len: the
+        tokens of one sequence (moe.aux_loss_scope=sequence); None = all T tokens are one sequence."""
         cfg = self.cfg
-        fractions_E = losses.expert_fractions(route.ids_TK, cfg.num_experts, cfg.aux_loss_counting, route.active_TK)
-        lb_loss = losses.load_balancing_loss(route.probs_TE, fractions_E)
+        seq_len = seq_len if seq_len is not None else route.logits_TE.shape[0]
+        lb_loss = losses.scoped_balancing_loss(route.probs_TE, route.counted_TE, cfg.aux_loss_scope, seq_len,
+                                               self.dispatcher.batch_sum)
         z_loss = losses.router_z_loss(route.logits_TE)
         return cfg.aux_loss_coef * lb_loss + cfg.z_loss_coef * z_loss, lb_loss, z_loss
 
     @staticmethod
     @torch.no_grad()
-    def collect_stats(route: RouterOutput, plan: DispatchPlan, lb_loss, z_loss) -> MoEStats:
-        routed = plan.active_A.sum().clamp_min(1)
-        drop_frac = 1.0 - plan.kept_A.sum() / routed
-        return MoEStats(plan.counts_E.float(), drop_frac, losses.router_entropy(route.probs_TE),
-                        lb_loss.detach(), z_loss.detach(), plan.capacity)
+    def collect_stats(route: Routing, lb_loss, z_loss) -> MoEStats:
+        plan = route.plan
+        return MoEStats(plan.counts_E.float(), plan.drop_fraction(), losses.router_entropy(route.probs_TE),
+                        lb_loss.detach(), z_loss.detach(), plan.capacity, route.choices_E.detach())

@@ -7,9 +7,9 @@ Shape legend: T tokens, E experts, K experts per token.
 
 from __future__ import annotations
 
-import torch
+from typing import Callable, Optional
 
-from moe_train.models.moe.routing import count_per_group
+import torch
 
 
 def expert_fractions(ids_TK: torch.Tensor, num_experts: int, counting: str,
@@ -19,13 +19,7 @@ def expert_fractions(ids_TK: torch.Tensor, num_experts: int, counting: str,
     counting="first": tokens whose first choice is e (GShard, DeepSpeed): sum_e f_e = 1.
     counting="all":   tokens that chose e among their k (HF Mixtral): sum_e f_e = k (minus sampled-out choices).
     """
-    num_tokens = ids_TK.shape[0]
-    if counting == "first":
-        ids, weights = ids_TK[:, 0], torch.ones_like(ids_TK[:, 0], dtype=torch.float32)
-    else:
-        ids = ids_TK.reshape(-1)
-        weights = torch.ones_like(ids, dtype=torch.float32) if active_TK is None else active_TK.reshape(-1).float()
-    return count_per_group(ids, num_experts, weights) / max(num_tokens, 1)
+    return counted_choices(ids_TK, num_experts, counting, active_TK).mean(dim=0)
 
 
 def load_balancing_loss(probs_TE: torch.Tensor, fractions_E: torch.Tensor) -> torch.Tensor:
@@ -49,3 +43,34 @@ def router_entropy(probs_TE: torch.Tensor) -> torch.Tensor:
     """Mean per-token entropy of the router distribution, in nats (log E = uniform, 0 = one-hot)."""
     p = probs_TE
     return -(p * torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))).sum(dim=-1).mean()
+
+
+def counted_choices(ids_TK: torch.Tensor, num_experts: int, counting: str,
+                    active_TK: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[T, E] float32: 1 where the load-balancing loss counts token t for expert e. counting="first": the first
+    choice only (GShard, DeepSpeed); "all": every active choice (HF Mixtral). A scatter, not F.one_hot (which
+    checks its ids on the host: a sync on CUDA)."""
+    counted_TE = torch.zeros(ids_TK.shape[0], num_experts, dtype=torch.float32, device=ids_TK.device)
+    if counting == "first":
+        return counted_TE.scatter_(1, ids_TK[:, :1], 1.0)
+    ones_TK = torch.ones_like(ids_TK, dtype=torch.float32) if active_TK is None else active_TK.float()
+    return counted_TE.scatter_add_(1, ids_TK, ones_TK)
+
+
+def scoped_balancing_loss(probs_TE: torch.Tensor, counted_TE: torch.Tensor, scope: str, seq_len: int,
+                          batch_sum: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The Switch loss E * sum_e f_e * P_e with f_e (counted_TE's share) and P_e (mean probs_TE) taken over:
+    `micro_batch`: all T tokens; `sequence`: each run of seq_len tokens, the T / seq_len losses averaged
+    (DeepSeek-V3's sequence-wise loss); `global_batch`: f_e over every data-parallel rank's tokens (batch_sum: the
+    dispatcher's sum of [E + 1] counts over those ranks; a collective), P_e over this rank's (its gradient is local;
+    averaged over the ranks, the gradients equal one process's over the whole batch)."""
+    num_tokens, num_experts = probs_TE.shape
+    if scope == "sequence":
+        f_BE = counted_TE.view(-1, seq_len, num_experts).mean(dim=1)
+        p_BE = probs_TE.view(-1, seq_len, num_experts).mean(dim=1)
+        return num_experts * (f_BE * p_BE).sum(dim=-1).mean()
+    if scope == "global_batch":
+        counts = torch.cat([counted_TE.sum(dim=0), counted_TE.new_full((1,), num_tokens)])
+        counts = batch_sum(counts)  # collective under data parallelism
+        return load_balancing_loss(probs_TE, counts[:num_experts] / counts[num_experts])
+    return load_balancing_loss(probs_TE, counted_TE.mean(dim=0))

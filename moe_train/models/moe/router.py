@@ -1,5 +1,7 @@
-"""Learned token routers: softmax top-k, Switch top-1, GShard top-2 with a sampled second expert, noisy top-k
-gating (Shazeer et al. 2017) and Switch input jitter.
+"""Learned routers: softmax or sigmoid top-k, Switch top-1, GShard top-2 with a sampled second expert, noisy top-k
+gating (Shazeer et al. 2017), Switch input jitter, aux-loss-free balancing bias (DeepSeek-V3) and expert choice
+(Zhou et al. 2022). Each router turns its decisions into its own dispatch plan (routing.py), so the MoE layer and
+its dispatchers never assume how tokens and experts were matched.
 
 Shape legend: T tokens, D model width, E experts, K experts per token.
 
@@ -17,6 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from moe_train.config.moe import MoEConfig
+from moe_train.models.moe.losses import counted_choices
+from moe_train.models.moe.routing import (DispatchPlan, TokenChoicePlan, capacity_plan, count_per_group,
+                                          dropless_plan, expert_capacity, expert_choice_plan)
 
 
 def router_dtype(x: torch.Tensor) -> torch.dtype:
@@ -58,19 +63,26 @@ def router_linear(x_TD: torch.Tensor, w_ED: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class RouterOutput:
+class Routing:
+    """A router's decisions, the dispatch plan that carries them out, and what the losses and statistics need."""
+
     logits_TE: torch.Tensor  # >= float32 router logits (after noise, if any)
-    probs_TE: torch.Tensor  # >= float32 softmax(logits_TE)
-    ids_TK: torch.Tensor  # int64 chosen experts, best first
-    probs_TK: torch.Tensor  # >= float32 softmax probability of each chosen expert (not renormalised)
-    active_TK: Optional[torch.Tensor]  # bool; None = every choice dispatched (no second-expert sampling)
+    probs_TE: torch.Tensor  # >= float32 distribution over experts: softmax, or sigmoid scores normalised per token
+    plan: DispatchPlan  # built by the router for its own decisions (routing.py)
+    counted_TE: torch.Tensor  # float32 1 where the load-balancing loss counts token t for expert e (its f_e)
+    choices_E: torch.Tensor  # float32 pairs chosen per expert before capacity: the load aux-loss-free balancing reads
+    ids_TK: Optional[torch.Tensor] = None  # token choice: int64 chosen experts, best first
+    probs_TK: Optional[torch.Tensor] = None  # token choice: score of each chosen expert (not renormalised)
+    active_TK: Optional[torch.Tensor] = None  # token choice, bool; None = every choice dispatched
 
 
 class TopKRouter(nn.Module):
-    """logits = x W^T (float32), probs = softmax(logits), keep the k most probable experts per token."""
+    """logits = x W^T (float32), scores = softmax or sigmoid(logits), keep the k best-scoring experts per token (by
+    score + the balancing bias, when moe.bias_update_rate > 0), and plan their dispatch."""
 
     def __init__(self, d_model: int, cfg: MoEConfig):
         super().__init__()
+        self.cfg = cfg
         self.num_experts = cfg.num_experts
         self.top_k = cfg.top_k
         self.jitter_eps = cfg.jitter_eps
@@ -82,12 +94,22 @@ class TopKRouter(nn.Module):
         self.task_embedding = None
         if cfg.router_input != "token":
             self.task_embedding = nn.Parameter(torch.empty(cfg.num_tasks, d_model, dtype=torch.float32))
+        # Aux-loss-free balancing: not a parameter (no gradient); the trainer updates it after each optimizer step
+        # (training/expert_bias.py) and checkpoints save it with the weights.
+        bias = torch.zeros(cfg.num_experts, dtype=torch.float32) if cfg.bias_update_rate > 0 else None
+        self.register_buffer("expert_bias", bias)
         self.init_weights()
 
     def init_weights(self, std: float = 0.02) -> None:
         nn.init.normal_(self.weight, std=std)
         if getattr(self, "task_embedding", None) is not None:
             nn.init.normal_(self.task_embedding, std=std)
+        self.init_buffers()
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        if getattr(self, "expert_bias", None) is not None:
+            self.expert_bias.zero_()
 
     def router_in(self, x_TD: torch.Tensor, task_T: Optional[torch.Tensor]) -> torch.Tensor:
         """The vector the router's linear map sees: the token's hidden state, its task's embedding, or their sum."""
@@ -108,17 +130,46 @@ class TopKRouter(nn.Module):
             x_TD = x32_TD * torch.empty_like(x32_TD).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
         return router_linear(x_TD, self.weight)
 
-    def forward(self, x_TD: torch.Tensor, task_T: Optional[torch.Tensor] = None) -> RouterOutput:
+    def forward(self, x_TD: torch.Tensor, task_T: Optional[torch.Tensor] = None) -> Routing:
         """task_T: int64 [T] task id per token (router_input task / token_and_task); ignored for token routing."""
         with torch.autocast(x_TD.device.type, enabled=False):  # router math stays >= float32 under autocast
             return self.route(self.router_in(x_TD, task_T))
 
-    def route(self, x_TD: torch.Tensor) -> RouterOutput:
+    def scores(self, logits_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores_TE that gate the experts, probs_TE: the per-token distribution the losses and statistics use)."""
+        if self.cfg.score_func == "softmax":
+            probs_TE = torch.softmax(logits_TE, dim=-1)
+            return probs_TE, probs_TE
+        scores_TE = torch.sigmoid(logits_TE)
+        return scores_TE, scores_TE / scores_TE.sum(dim=-1, keepdim=True)
+
+    def route(self, x_TD: torch.Tensor) -> Routing:
         logits_TE = self.compute_logits(x_TD)
-        probs_TE = torch.softmax(logits_TE, dim=-1)
-        probs_TK, ids_TK = torch.topk(probs_TE, self.top_k, dim=-1)
+        scores_TE, probs_TE = self.scores(logits_TE)
+        return self.token_choice(logits_TE, scores_TE, probs_TE)
+
+    def token_choice(self, logits_TE, scores_TE, probs_TE) -> Routing:
+        if self.expert_bias is None:
+            probs_TK, ids_TK = torch.topk(scores_TE, self.top_k, dim=-1)
+        else:  # the bias picks the experts; the gates stay the unbiased scores (DeepSeek-V3)
+            ids_TK = torch.topk(scores_TE.detach() + self.expert_bias, self.top_k, dim=-1).indices
+            probs_TK = scores_TE.gather(1, ids_TK)
         active_TK = self.sample_second_expert(probs_TK) if self.training and self.sample_second else None
-        return RouterOutput(logits_TE, probs_TE, ids_TK, probs_TK, active_TK)
+        plan = self.token_choice_plan(ids_TK, probs_TK, active_TK)
+        counted_TE = counted_choices(ids_TK, self.num_experts, self.cfg.aux_loss_counting, active_TK)
+        choices_E = count_per_group(ids_TK.reshape(-1), self.num_experts,
+                                    None if active_TK is None else active_TK.reshape(-1).float())
+        return Routing(logits_TE, probs_TE, plan, counted_TE, choices_E.float(), ids_TK, probs_TK, active_TK)
+
+    def token_choice_plan(self, ids_TK, probs_TK, active_TK) -> TokenChoicePlan:
+        """Capacity (moe.capacity_factor, or eval_capacity_factor in eval mode) or dropless plan of the choices."""
+        cfg = self.cfg
+        capacity_factor = cfg.capacity_factor_for(self.training)
+        if capacity_factor < 0:
+            return dropless_plan(ids_TK, probs_TK, cfg.num_experts, cfg.renormalize, cfg.routed_scale)
+        capacity = expert_capacity(ids_TK.shape[0], cfg.num_experts, cfg.top_k, capacity_factor, cfg.min_capacity)
+        return capacity_plan(ids_TK, probs_TK, active_TK, cfg.num_experts, capacity, cfg.drop_policy,
+                             cfg.renormalize, cfg.routed_scale)
 
     @staticmethod
     def sample_second_expert(probs_TK: torch.Tensor) -> torch.Tensor:
@@ -155,7 +206,31 @@ class NoisyTopKRouter(TopKRouter):
         return logits_TE + torch.randn_like(logits_TE) * noise_std_TE
 
 
-ROUTER_CLASSES = {"topk": TopKRouter, "noisy_topk": NoisyTopKRouter}
+class ExpertChoiceRouter(TopKRouter):
+    """Expert choice (Zhou et al. 2022) in training: expert e takes the C tokens of the micro-batch with the highest
+    scores[:, e], C = expert_capacity(T, E, top_k, capacity_factor) (top-k token choice's compute at capacity
+    factor 1); a token gets 0..E experts, every expert is full, and nothing needs a balancing loss (f_e = C / T
+    for every e, so the Switch loss is a constant). Each rank chooses among its own tokens.
+
+    Not causal: whether token t is picked depends on the scores of the other tokens of the micro-batch, later
+    positions included, which a decoder cannot see at generation time. In eval mode (validation, generation)
+    this router therefore routes by token choice: each token's top_k experts by the same scores, at
+    eval_capacity_factor, which is what a causal decoder can run; docs/ROUTING.md measures the gap."""
+
+    def route(self, x_TD: torch.Tensor) -> Routing:
+        if not self.training:
+            return super().route(x_TD)
+        cfg = self.cfg
+        logits_TE = self.compute_logits(x_TD)
+        scores_TE, probs_TE = self.scores(logits_TE)
+        capacity = expert_capacity(x_TD.shape[0], cfg.num_experts, cfg.top_k, cfg.capacity_factor, cfg.min_capacity)
+        plan = expert_choice_plan(scores_TE, capacity, cfg.routed_scale)
+        expert_R = torch.arange(cfg.num_experts, device=x_TD.device).repeat_interleave(plan.capacity)
+        counted_TE = torch.zeros_like(probs_TE).index_put_((plan.src_R, expert_R), probs_TE.new_ones(()))
+        return Routing(logits_TE, probs_TE, plan, counted_TE.float(), plan.counts_E.float())
+
+
+ROUTER_CLASSES = {"topk": TopKRouter, "noisy_topk": NoisyTopKRouter, "expert_choice": ExpertChoiceRouter}
 
 
 def build_router(d_model: int, cfg: MoEConfig) -> TopKRouter:

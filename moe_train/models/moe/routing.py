@@ -1,12 +1,13 @@
 """From router decisions to a dispatch plan: which token fills which expert-input row, which expert-output row each
-token-expert pair reads back, and with what weight. Index-based: no [T, E, C] one-hot tensor is ever built
+token-expert pair reads back, and with what weight. Two kinds: a token-choice plan (each token chose K experts;
+capacity or dropless) and an expert-choice plan (each expert chose C tokens). Index-based: no [T, E, C] one-hot tensor is ever built
 (the GShard/fairseq einsum formulation costs O(k * cf * T^2) memory); every step here is O(T * K log(T * K)).
 
 Shape legend:
   T tokens, D model width, E experts, K experts per token, C capacity (slots per expert),
   A = K * T token-expert pairs ("assignments"), flattened choice-major: a = k * T + t, so all first choices come
     before all second choices, as in GShard and DeepSpeed,
-  R rows of expert input: E * C in capacity mode, A in dropless mode.
+  R rows of expert input: E * C in capacity mode (and expert choice), A in dropless mode.
 
 No host sync: the capacity C depends only on T, so every tensor here has a static shape. Counting is a scatter-add
 into [E] zeros, never `torch.bincount`: on CUDA bincount reads the largest id back to the host to size its output
@@ -22,20 +23,88 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from moe_train.models.moe.gather import gather_rows
+
 
 @dataclass
 class DispatchPlan:
+    """Where each expert-input row comes from and how expert outputs return to their tokens. A router builds the
+    plan that fits its decisions (router.py); dispatchers use only the fields and the two methods below."""
+
     num_tokens: int  # T
     num_experts: int  # E
+    capacity: Optional[int]  # C: rows are an [E, C] buffer; None: dropless, rows grouped by expert (counts_E)
+    src_R: torch.Tensor  # int64: token feeding each expert-input row (T: the zero pad row of an empty slot)
+    counts_E: torch.Tensor  # int64 rows computed per expert
+
+    def gather(self, x_TD: torch.Tensor, scatter_free: bool) -> torch.Tensor:
+        """x_RD: the expert-input rows (empty slots zero)."""
+        raise NotImplementedError
+
+    def combine(self, y_RD: torch.Tensor, scatter_free: bool) -> torch.Tensor:
+        """Float32 (or wider) y_TD: each token's gate-weighted sum of its rows' outputs."""
+        raise NotImplementedError
+
+    def drop_fraction(self) -> torch.Tensor:
+        """Share of the routing left uncomputed (statistics)."""
+        raise NotImplementedError
+
+
+@dataclass
+class TokenChoicePlan(DispatchPlan):
+    """Each token chose K experts: pairs a = k * T + t, choice-major. Combine sums K rows per token, so both gathers
+    (and their backward) are scatter-free."""
+
     top_k: int  # K
-    capacity: Optional[int]  # C; None in dropless mode
-    src_R: torch.Tensor  # int64: token feeding each expert-input row; T names the zero pad row (empty slot)
-    pair_R: torch.Tensor  # int64: pair (a = k * T + t) feeding each row; A for an empty slot (the inverse map)
+    pair_R: torch.Tensor  # int64: pair feeding each row; A for an empty slot (the inverse map)
     dest_A: torch.Tensor  # int64: expert-output row each pair reads back (0 where dropped: its weight is 0)
     weights_A: torch.Tensor  # float32 combine weight per pair, 0 where dropped; differentiable (router gradient)
-    counts_E: torch.Tensor  # int64 pairs computed per expert (after dropping)
     kept_A: torch.Tensor  # bool: pair computed
     active_A: torch.Tensor  # bool: pair chosen by the router (second-expert sampling may switch one off)
+
+    def gather(self, x_TD: torch.Tensor, scatter_free: bool) -> torch.Tensor:
+        # One gather from x (plus a zero pad row for empty capacity slots); its backward gathers each token's K
+        # rows (a dropped pair reads the zero row R).
+        capacity = self.capacity is not None
+        rows_A = torch.where(self.kept_A, self.dest_A, self.src_R.numel()) if capacity else self.dest_A
+        return gather_rows(x_TD, self.src_R, rows_A.view(self.top_k, -1), pad_x=capacity, pad_grad=capacity,
+                           scatter_free=scatter_free)
+
+    def combine(self, y_RD: torch.Tensor, scatter_free: bool) -> torch.Tensor:
+        # Weighted sum over each token's K pairs in the weights' dtype (float32): a 16-bit y is promoted by the
+        # multiply, so the K-term sum and the router weights' gradient are not rounded to 16 bits. Cost: a
+        # [K, T, D] float32 product (the H100 profile in docs/GPU.md); a 16-bit product would halve that traffic.
+        # Scatter-free backward: each row's gradient is its pair's (an empty slot's, pair A, is the zero row).
+        d_model = y_RD.shape[-1]
+        y_AD = gather_rows(y_RD, self.dest_A, self.pair_R.view(1, -1), pad_grad=self.capacity is not None,
+                           scatter_free=scatter_free)
+        weights_KT1 = self.weights_A.view(self.top_k, self.num_tokens, 1)
+        return (y_AD.view(self.top_k, self.num_tokens, d_model) * weights_KT1).sum(dim=0)
+
+    def drop_fraction(self) -> torch.Tensor:
+        """Share of the routed pairs dropped by capacity."""
+        return 1.0 - self.kept_A.sum() / self.active_A.sum().clamp_min(1)
+
+
+@dataclass
+class ExpertChoicePlan(DispatchPlan):
+    """Each expert chose C tokens: row r = e * C + c is expert e's c-th pick; a token has 0..E rows. The gather's
+    backward and the combine add rows into tokens (index_add: atomics on CUDA, unlike the token-choice plan)."""
+
+    weights_R: torch.Tensor  # float32 gate of each row, differentiable (router gradient)
+
+    def gather(self, x_TD: torch.Tensor, scatter_free: bool) -> torch.Tensor:
+        return x_TD.index_select(0, self.src_R)
+
+    def combine(self, y_RD: torch.Tensor, scatter_free: bool) -> torch.Tensor:
+        weighted_RD = y_RD * self.weights_R.unsqueeze(-1)  # float32 (the weights' dtype)
+        out_TD = weighted_RD.new_zeros(self.num_tokens, y_RD.shape[-1])
+        return out_TD.index_add(0, self.src_R, weighted_RD)
+
+    def drop_fraction(self) -> torch.Tensor:
+        """Share of the tokens no expert chose (they pass through the residual only)."""
+        picked_T = count_per_group(self.src_R, self.num_tokens)
+        return (picked_T == 0).float().mean()
 
 
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float, min_capacity: int) -> int:
@@ -114,7 +183,7 @@ def _flatten_pairs(ids_TK, probs_TK, active_TK, num_experts: int) -> _Pairs:
 
 
 def capacity_plan(ids_TK, probs_TK, active_TK, num_experts: int, capacity: int, drop_policy: str,
-                  renormalize: bool, scale: float = 1.0) -> DispatchPlan:
+                  renormalize: bool, scale: float = 1.0) -> TokenChoicePlan:
     """Fixed-capacity plan: expert e owns rows [e * C, (e + 1) * C); pairs ranked >= C in their expert are dropped."""
     num_tokens, top_k = ids_TK.shape
     p = _flatten_pairs(ids_TK, probs_TK, active_TK, num_experts)
@@ -131,11 +200,11 @@ def capacity_plan(ids_TK, probs_TK, active_TK, num_experts: int, capacity: int, 
     src_R = F.pad(p.token_A, (0, 1), value=num_tokens)[pair_R]  # empty slot (pair A) -> the pad row T
     counts_E = counts_G[:num_experts].clamp_max(capacity)
     weights_A = combine_weights(p.probs_A, kept_A, top_k, renormalize, scale)
-    return DispatchPlan(num_tokens, num_experts, top_k, capacity, src_R, pair_R, dest_A, weights_A, counts_E,
-                        kept_A, p.active_A)
+    return TokenChoicePlan(num_tokens, num_experts, capacity, src_R, counts_E, top_k, pair_R, dest_A, weights_A,
+                           kept_A, p.active_A)
 
 
-def dropless_plan(ids_TK, probs_TK, num_experts: int, renormalize: bool, scale: float = 1.0) -> DispatchPlan:
+def dropless_plan(ids_TK, probs_TK, num_experts: int, renormalize: bool, scale: float = 1.0) -> TokenChoicePlan:
     """Dropless plan: every pair is computed; rows are the A pairs sorted by expert (token order inside a group)."""
     num_tokens, top_k = ids_TK.shape
     p = _flatten_pairs(ids_TK, probs_TK, None, num_experts)
@@ -144,5 +213,16 @@ def dropless_plan(ids_TK, probs_TK, num_experts: int, renormalize: bool, scale: 
     dest_A[order_A] = torch.arange(order_A.numel(), device=order_A.device)
     counts_E = count_per_group(p.ids_A, num_experts)
     weights_A = combine_weights(p.probs_A, p.active_A, top_k, renormalize, scale)
-    return DispatchPlan(num_tokens, num_experts, top_k, None, p.token_A[order_A], order_A, dest_A, weights_A,
-                        counts_E, p.active_A, p.active_A)
+    return TokenChoicePlan(num_tokens, num_experts, None, p.token_A[order_A], counts_E, top_k, order_A, dest_A,
+                           weights_A, p.active_A, p.active_A)
+
+
+def expert_choice_plan(scores_TE: torch.Tensor, capacity: int, scale: float = 1.0) -> ExpertChoicePlan:
+    """Expert choice (Zhou et al. 2022): expert e takes the min(C, T) tokens with the highest scores_TE[:, e]; the
+    gate of each pick is its score (times moe.routed_scale). Every expert is full, so nothing is dropped."""
+    num_tokens, num_experts = scores_TE.shape
+    picks = min(capacity, num_tokens)
+    gates_EC, src_EC = torch.topk(scores_TE.t(), picks, dim=1)
+    counts_E = torch.full((num_experts,), picks, dtype=torch.long, device=scores_TE.device)
+    weights_R = gates_EC.reshape(-1) * scale if scale != 1.0 else gates_EC.reshape(-1)
+    return ExpertChoicePlan(num_tokens, num_experts, picks, src_EC.reshape(-1), counts_E, weights_R)
