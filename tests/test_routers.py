@@ -140,6 +140,22 @@ def test_the_bias_update_follows_the_formula():
     assert bias_update(loads, 0.5).tolist() == [[-0.5, 0.5, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]
 
 
+@pytest.mark.parametrize("cfg", [dict(router="expert_choice", capacity_factor=1.0),
+                                 dict(score_func="sigmoid", bias_update_rate=1e-3, capacity_factor=1.0)],
+                         ids=["expert_choice", "sigmoid_bias"])
+def test_new_routers_under_bf16_autocast_run_bf16_experts_and_keep_float32_routing(cfg):
+    layer, x, g = layer_and_inputs(**cfg)
+    grams = []
+    layer.experts.register_forward_pre_hook(lambda module, args: grams.append(args[0].dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, aux = layer(x)
+        route = layer.router(x)
+    ((out * g).sum() + aux).backward()
+    assert grams == [torch.bfloat16] and out.dtype == torch.float32  # experts in bf16, the residual's dtype back
+    assert route.probs_TE.dtype == torch.float32 and layer.router.weight.grad.dtype == torch.float32
+    assert layer.experts.w1.grad.dtype == torch.float32
+
+
 # -- balancing-loss scopes ------------------------------------------------------------------------------------------
 
 def test_sequence_scope_is_the_mean_of_per_sequence_losses():
@@ -222,8 +238,10 @@ def expected_biases(ranks: list[dict], steps: int = 2) -> list[dict]:
     return out
 
 
-def test_bias_update_at_ep2_follows_the_formula_over_two_steps_and_matches_one_process(tmp_path):
-    ranks = run_ranks(2, train_counting_choices, overrides("capacity", 2, ("parallel.ep=2", *BIAS_ARGS)),
+@pytest.mark.parametrize("layout", [("parallel.ep=2",), ("parallel.ep=2", "fsdp.enabled=true")],
+                         ids=["ep2", "fsdp_ep2"])
+def test_bias_update_at_ep2_follows_the_formula_over_two_steps_and_matches_one_process(tmp_path, layout):
+    ranks = run_ranks(2, train_counting_choices, overrides("capacity", 2, (*layout, *BIAS_ARGS)),
                       str(tmp_path / "ep2"))
     single = train_counting_choices(0, 1, overrides("capacity", 1, BIAS_ARGS), str(tmp_path / "one"))
     want = expected_biases(ranks)
@@ -261,3 +279,20 @@ def test_mixtral_export_refuses_what_mixtral_cannot_express(field, value):
     moe = MoEConfig(**{"capacity_factor": 1.0, field: value})
     with pytest.raises(ValueError, match=f"moe.{field}={value!r} cannot be expressed as Mixtral"):
         check_mixtral_compatible(ModelConfig(moe_every=1), moe)
+
+
+def train_with_global_scope(rank: int, world_size: int, args: list[str], run_dir: str) -> dict:
+    from moe_train.parallel.expert_parallel import BatchSumDispatcher
+
+    trainer = make_trainer(args, world_size, rank, pathlib.Path(run_dir))
+    trainer.train()
+    moes = list(trainer.model.moe_layers())
+    return {"wired": all(isinstance(m.dispatcher, BatchSumDispatcher) and m.dispatcher.batch_group is not None
+                         for m in moes), "layers": len(moes)}
+
+
+@pytest.mark.parametrize("layout", [(), ("parallel.ep=2",)], ids=["dp2", "ep2"])
+def test_parallelize_wires_the_global_batch_scope_into_every_dispatcher(tmp_path, layout):
+    args = overrides("dropless", 2, (*layout, "moe.aux_loss_scope=global_batch", "train.max_steps=2"))
+    for res in run_ranks(2, train_with_global_scope, args, str(tmp_path)):
+        assert res["wired"] and res["layers"] == 2
