@@ -222,3 +222,11 @@ def test_pruning_equals_masking_the_removed_experts_logits(trained):
         router.compute_logits = (lambda original, mask: lambda x: original(x) + mask)(router.compute_logits, mask_E)
     tokens = torch.randint(0, 256, (2, 24))
     torch.testing.assert_close(small(tokens), model(tokens))
+
+
+def test_a_balancing_bias_is_pruned_with_its_experts():
+    """The aux-loss-free bias has one entry per expert: pruning keeps the kept experts' entries, in order."""
+    groups = compress.prune_groups(torch.tensor([5.0, 1, 4, 0, 3, 2]), 3)  # keeps experts 0, 2, 4
+    state = {"layers.0.moe.router.expert_bias": torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 0.6])}
+    out = compress.compress_state(state, {"layers.0.moe": groups})
+    torch.testing.assert_close(out["layers.0.moe.router.expert_bias"], torch.tensor([0.1, 0.3, 0.5]))

@@ -30,7 +30,8 @@ import torch
 from moe_train.serving.calibrate import ExpertStats
 
 METHODS = ("prune-frequency", "prune-reap", "merge-average", "merge-frequency", "merge-output-cluster")
-EXPERT_TENSORS = ("experts.w1", "experts.w2", "experts.w3", "router.weight", "router.noise_weight")
+EXPERT_TENSORS = ("experts.w1", "experts.w2", "experts.w3", "router.weight", "router.noise_weight",
+                  "router.expert_bias")  # the balancing bias: one entry per expert, combined like the router rows
 
 
 @dataclass(frozen=True)
