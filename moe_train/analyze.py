@@ -53,6 +53,14 @@ def mutual_information(counts_GE: torch.Tensor) -> float:
     return float((p[nonzero] * (p[nonzero] / outer[nonzero]).log2()).sum())
 
 
+def conditional_mutual_information(counts_GCE: torch.Tensor) -> float:
+    """I(group; expert | condition) in bits of a joint count table [groups, conditions, experts]: the information
+    about the expert the group still carries once the condition (the token class) is known."""
+    total = counts_GCE.sum().clamp_min(1)
+    return sum(float(counts_GCE[:, c].sum() / total) * mutual_information(counts_GCE[:, c])
+               for c in range(counts_GCE.shape[1]))
+
+
 @torch.no_grad()
 def route_counts(model, batches, device, num_groups: dict[str, int]) -> dict[str, dict[str, torch.Tensor]]:
     """layer -> {"domains": [D, E], "classes": [C, E]} counts of top-k choices."""
@@ -77,6 +85,7 @@ def route_counts(model, batches, device, num_groups: dict[str, int]) -> dict[str
             current["classes"] = classes[inputs.clamp(0, 255)]
             if task_ids:
                 current["domains"] = task_ids[0]
+                current["domain_classes"] = task_ids[0] * len(CLASSES) + current["classes"]
             model(inputs.to(device), task_ids_BS=task_ids[0].to(device) if task_ids else None)
     finally:
         for handle in handles:
@@ -85,14 +94,19 @@ def route_counts(model, batches, device, num_groups: dict[str, int]) -> dict[str
 
 
 def layer_report(counts: dict[str, torch.Tensor], names: dict[str, tuple[str, ...]]) -> dict:
-    """Per grouping: the mutual information (bits) and each group's share of its pairs per expert."""
+    """Per grouping: the mutual information (bits) and each group's share of its pairs per expert; for domains also
+    I(domain; expert | token class)."""
     out = {}
-    for kind, counts_GE in counts.items():
+    joint = counts.get("domain_classes")
+    for kind, counts_GE in ((k, v) for k, v in counts.items() if k != "domain_classes"):
         shares = counts_GE.double() / counts_GE.sum(1, keepdim=True).clamp_min(1)
         out[kind] = {"mutual_information_bits": mutual_information(counts_GE),
                      "max_bits": math.log2(len(names[kind])),
                      "shares": {g: [round(float(v), 4) for v in shares[i]] for i, g in enumerate(names[kind])},
                      "pairs": {g: int(counts_GE[i].sum()) for i, g in enumerate(names[kind])}}
+    if joint is not None and "domains" in out:
+        joint_DCE = joint.view(len(names["domains"]), len(CLASSES), -1)
+        out["domains"]["given_class_bits"] = conditional_mutual_information(joint_DCE)
     return out
 
 
@@ -105,18 +119,19 @@ def analyze(source_path: str, overrides: list[str], batches: int) -> dict:
     device = resolve_device(cfg.train.device)
     model = load_model(source, cfg, device)
     data = source_data(source, cfg, say=lambda message: None)
-    names = {"domains": tuple(data.task_names), "classes": CLASSES}
+    names = {"domains": tuple(data.task_names), "classes": CLASSES,
+             "domain_classes": tuple(f"{d}/{c}" for d in data.task_names for c in CLASSES)}
     counts = route_counts(model, list(data.val), device, {k: len(v) for k, v in names.items()})
     return {"source": source_path, "layers": {layer: layer_report(c, names) for layer, c in counts.items()}}
 
 
 def table(report: dict) -> str:
-    lines = ["| layer | I(domain; expert) bits | of at most | I(token class; expert) bits | of at most |",
-             "|---|---:|---:|---:|---:|"]
+    lines = ["| layer | I(domain; expert) bits | of at most | I(token class; expert) bits | of at most "
+             "| I(domain; expert \\| class) bits |", "|---|---:|---:|---:|---:|---:|"]
     for layer, r in report["layers"].items():
         d, c = r["domains"], r["classes"]
         lines.append(f"| {layer} | {d['mutual_information_bits']:.3f} | {d['max_bits']:.3f} | "
-                     f"{c['mutual_information_bits']:.3f} | {c['max_bits']:.3f} |")
+                     f"{c['mutual_information_bits']:.3f} | {c['max_bits']:.3f} | {d['given_class_bits']:.3f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from moe_train.analyze import CLASSES, byte_classes, main, mutual_information
+from moe_train.analyze import CLASSES, byte_classes, conditional_mutual_information, main, mutual_information
 from test_compress import trained  # noqa: F401  (module fixture: a trained 6-expert run on the embedded corpus)
 
 
@@ -20,6 +20,17 @@ def test_mutual_information_in_bits():
     expected = 0.5 * math.log2(0.5 / (0.5 * 0.75)) + 0.25 * math.log2(0.25 / (0.5 * 0.75)) \
         + 0.25 * math.log2(0.25 / (0.5 * 0.25))
     assert mutual_information(half) == pytest.approx(expected)
+
+
+def test_conditional_mutual_information_is_the_class_weighted_mean():
+    # class 0: domain names the expert (1 bit); class 1: independent (0 bits); class 0 holds 3/4 of the pairs
+    counts_DCE = torch.zeros(2, 2, 2)
+    counts_DCE[:, 0] = torch.eye(2) * 3
+    counts_DCE[:, 1] = torch.ones(2, 2) / 2
+    assert conditional_mutual_information(counts_DCE) == pytest.approx(0.75 * 1.0)
+    # domains that differ only through their classes carry nothing once the class is known
+    same_DCE = torch.tensor([[[4.0, 0], [0, 1]], [[1, 0], [0, 4]]])
+    assert mutual_information(same_DCE.sum(1)) > 0.2 and conditional_mutual_information(same_DCE) == pytest.approx(0)
 
 
 def test_byte_classes():
@@ -40,6 +51,7 @@ def test_every_choice_is_counted_and_the_outputs_are_written(trained, tmp_path, 
             assert 0 <= layer[kind]["mutual_information_bits"] <= layer[kind]["max_bits"]
             assert all(sum(s) == pytest.approx(1.0, abs=1e-3) for g, s in layer[kind]["shares"].items()
                        if layer[kind]["pairs"][g])
+        assert 0 <= layer["domains"]["given_class_bits"] <= layer["domains"]["max_bits"]
     assert list(report["layers"]["layers.0.moe"]["domains"]["shares"]) == [
         "story", "code", "math", "csv", "json", "dialogue"]
     assert (tmp_path / "routing.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
