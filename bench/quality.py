@@ -1,0 +1,284 @@
+"""When does this project's MoE beat its dense twin? Validation loss of routing and balancing variants at equal
+active parameters and equal steps, 3 seeds each, on tinyshakespeare and on the embedded six-domain corpus.
+
+Setup (CPU scale). Bytes, seq 128, batch 16 (2,048 tokens per step), AdamW lr 3e-3 with 30 warm-up steps and
+cosine decay to the end, float32. Model: d 128, 4 layers, 4 heads / 2 kv heads. FFNs per config (CONFIGS):
+the dense twin has a SwiGLU FFN of width 512; the MoE variants run 512 active FFN features per token (8 experts of
+width 256, top-2; top-1 Switch and the shared-expert variant use other splits of the same 512), and the "dense with
+the MoE's total parameters" has width 2048 (8 x 256). Validation: 16 fixed batches (eval mode: dropless, and
+causal token choice for expert choice), every --eval-every steps.
+
+Every (corpus, config, seed, steps) run is one training run in this process; its result is written to
+--results/<corpus>__<config>__s<seed>__<steps>.json as soon as it finishes and is not run again (resumable: stop it
+any time, start it again with the same arguments). Reported per corpus and config: validation loss mean and spread
+(min..max) over the seeds, its difference to the dense twin, whether it beats the dense twin by more than the
+seed spread (its worst seed below the dense twin's best), the drop fraction, the min / max expert share of any layer
+at the last logged step, tokens/s (median; comparable only between runs measured on an idle machine), and the
+validation curves (mean over seeds) as a plot.
+
+    python bench/quality.py                                  # all corpora x configs x 3 seeds (hours on 2 cores)
+    python bench/quality.py --configs dense,top2_dropless --steps 2000    # the horizon runs
+    python bench/quality.py --report-only --out bench/results/quality.md --plot docs/img/quality.png
+    python bench/quality.py --quick                          # a minute: 2 configs, 1 seed, 20 steps, tiny shape
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from anywhere, without an installed package
+
+from moe_train.cli_config import compose_config  # noqa: E402
+from moe_train.config.schema import validate_config  # noqa: E402
+from moe_train.models.params import count_parameters  # noqa: E402
+from moe_train.runs import read_run  # noqa: E402
+from moe_train.training.trainer import Trainer, loss_sums  # noqa: E402
+
+SHAKESPEARE = REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+CORPORA = {"shakespeare": ["data=text", f"data.path={SHAKESPEARE}"], "embedded": ["data=embedded"]}
+SHAPE = ["model.d_model=128", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2", "model.max_seq_len=128",
+         "moe.num_experts=8", "moe.d_ff=256", "moe.top_k=2", "moe.routed_scale=2.0", "moe.capacity_factor=-1",
+         "moe.eval_capacity_factor=-1", "moe.min_capacity=0"]
+QUICK_SHAPE = ["model.d_model=32", "model.n_heads=2", "model.n_kv_heads=1", "moe.d_ff=32", "model.d_ff=64",
+               "data.embedded_size=200000"]
+TOP2 = []  # the base MoE: 8 experts of width 256, top-2, renormalised, routed_scale 2, dropless, Switch loss 0.01
+CONFIGS = {  # name: (what it is, overrides on SHAPE)
+    "dense": ("dense twin: SwiGLU FFN 512 (the MoE's active width)", ["model.moe_every=0", "model.d_ff=512"]),
+    "dense_total": ("dense with the MoE's total parameters: FFN 2048", ["model.moe_every=0", "model.d_ff=2048"]),
+    "switch_top1": ("Switch top-1: 8 experts of width 512, raw gate, cf 1.25, jitter 0.01",
+                    ["moe.top_k=1", "moe.d_ff=512", "moe.renormalize=false", "moe.routed_scale=1.0",
+                     "moe.capacity_factor=1.25", "moe.jitter_eps=0.01"]),
+    "top2_cf1.0": ("top-2, capacity factor 1.0", ["moe.capacity_factor=1.0"]),
+    "top2_cf1.25": ("top-2, capacity factor 1.25", ["moe.capacity_factor=1.25"]),
+    "top2_cf2.0": ("top-2, capacity factor 2.0", ["moe.capacity_factor=2.0"]),
+    "top2_dropless": ("top-2 dropless (the tiny preset's routing)", TOP2),
+    "top2_no_aux": ("top-2 dropless, no balancing loss", ["moe.aux_loss_coef=0"]),
+    "top2_zloss": ("top-2 dropless + z-loss 1e-3", ["moe.z_loss_coef=0.001"]),
+    "expert_choice": ("expert choice, cf 1.0 (2 experts per token on average)",
+                      ["moe.router=expert_choice", "moe.capacity_factor=1.0", "moe.aux_loss_coef=0"]),
+    "aux_free_bias": ("top-2 dropless, aux-loss-free bias 1e-3, no loss",
+                      ["moe.bias_update_rate=0.001", "moe.aux_loss_coef=0"]),
+    "sigmoid": ("top-2 dropless, sigmoid scores (+ Switch loss)", ["moe.score_func=sigmoid"]),
+    "shared_expert": ("1 shared expert (256) + top-1 of 8 routed (256), raw gate x 2",
+                      ["moe.num_shared_experts=1", "moe.top_k=1", "moe.renormalize=false"]),
+}
+
+
+def run_overrides(corpus: str, config: str, seed: int, steps: int, eval_every: int, quick: bool) -> list[str]:
+    return [*CORPORA[corpus], *SHAPE, *CONFIGS[config][1], *(QUICK_SHAPE if quick else []),
+            "train.seq_len=128", "train.batch_size=16", f"train.max_steps={steps}", f"train.seed={seed}",
+            f"train.eval_every={eval_every}", "train.eval_batches=16", "train.log_every=10", "train.progress=false",
+            "optim.warmup_steps=30", "checkpoint.every=0"]
+
+
+def expert_shares(run) -> tuple[Optional[float], Optional[float]]:
+    """Smallest and largest share of a layer's assignments any expert got, at the last logged step."""
+    loads = next((r["expert_load"] for r in reversed(run.train) if r.get("expert_load")), None)
+    if not loads:
+        return None, None
+    shares = [s for layer in loads.values() for s in layer]
+    return min(shares), max(shares)
+
+
+def train_one(overrides: list[str]) -> dict:
+    cfg = compose_config(overrides)
+    validate_config(cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(cfg.train.seed)
+        trainer = Trainer(cfg, Path(tmp))
+        counts = count_parameters(trainer.model)
+        start = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - start
+        extra = {"val_expert_choice": non_causal_val(trainer)} if cfg.moe.router == "expert_choice" else {}
+        run = read_run(Path(tmp))
+    evals = {r["step"]: r["val_loss"] for r in run.evals}
+    drops = [r["drop_frac"] for r in run.train if "drop_frac" in r]
+    speeds = [r["tokens_per_s"] for r in run.train if "tokens_per_s" in r]
+    low, high = expert_shares(run)
+    return {"val_loss": evals, "final_val": evals[max(evals)], "params": counts.total, "active": counts.active,
+            "drop_frac": statistics.fmean(drops) if drops else 0.0, "min_share": low, "max_share": high,
+            "tokens_per_s": statistics.median(speeds) if speeds else None, "seconds": seconds, **extra}
+
+
+@torch.no_grad()
+def non_causal_val(trainer: Trainer) -> float:
+    """Validation loss with the routers left in training mode: expert choice over each validation batch, which sees
+    later tokens (what a decoder cannot do when generating); the gap to the causal eval-mode loss is the leak."""
+    with trainer.engine.evaluation():
+        for moe in trainer.model.moe_layers():
+            moe.router.train()
+        loss_sum, count = loss_sums(trainer.forward_logits, trainer.data.val, trainer.device).tolist()
+    return loss_sum / max(count, 1.0)
+
+
+def result_path(results: Path, corpus: str, config: str, seed: int, steps: int) -> Path:
+    return results / f"{corpus}__{config}__s{seed}__{steps}.json"
+
+
+def run_all(args, corpora: list[str], configs: list[str], seeds: list[int]) -> None:
+    for seed in seeds:  # all configs of a seed first: an interrupted sweep still compares everything
+        for corpus in corpora:
+            for config in configs:
+                path = result_path(args.results, corpus, config, seed, args.steps)
+                if path.exists():
+                    continue
+                overrides = run_overrides(corpus, config, seed, args.steps, args.eval_every, args.quick)
+                result = {"corpus": corpus, "config": config, "seed": seed, "steps": args.steps,
+                          "overrides": overrides, **train_one(overrides)}
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(result, indent=1) + "\n")
+                print(f"{corpus} {config} seed {seed}: val {result['final_val']:.4f} in {result['seconds']:.0f} s",
+                      flush=True)
+
+
+# -- report -----------------------------------------------------------------------------------------------------------
+def load_results(results: Path, steps: int) -> dict[tuple[str, str], list[dict]]:
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for path in sorted(results.glob(f"*__{steps}.json")):
+        r = json.loads(path.read_text())
+        groups.setdefault((r["corpus"], r["config"]), []).append(r)
+    return groups
+
+
+def aggregate(runs: list[dict]) -> dict:
+    vals = [r["final_val"] for r in runs]
+    mean = lambda key: statistics.fmean(r[key] for r in runs) if all(r[key] is not None for r in runs) else None  # noqa: E731
+    return {"n": len(runs), "mean": statistics.fmean(vals), "min": min(vals), "max": max(vals),
+            "params": runs[0]["params"], "active": runs[0]["active"], "drop_frac": mean("drop_frac"),
+            "min_share": min((r["min_share"] for r in runs if r["min_share"] is not None), default=None),
+            "max_share": max((r["max_share"] for r in runs if r["max_share"] is not None), default=None),
+            "tokens_per_s": mean("tokens_per_s")}
+
+
+def beats(row: dict, dense: Optional[dict]) -> str:
+    """yes: every seed of `row` below every seed of the dense twin (the difference exceeds the seed spread)."""
+    if dense is None or row is dense:
+        return ""
+    if min(row["n"], dense["n"]) < 2:
+        return "(1 seed)"
+    if row["max"] < dense["min"]:
+        return "**yes**"
+    return "no" if row["mean"] >= dense["mean"] else "within spread"
+
+
+def table(groups: dict, corpus: str) -> list[str]:
+    rows = {config: aggregate(runs) for (c, config), runs in groups.items() if c == corpus}
+    dense = rows.get("dense")
+    fmt = lambda v, spec: "" if v is None else format(v, spec)  # noqa: E731
+    lines = [f"### {corpus}", "",
+             "| config | params (active) | seeds | val loss mean | min..max | vs dense twin | beats it | drop frac "
+             "| min / max expert share | tokens/s |", "|---|---|---:|---:|---|---:|---|---:|---|---:|"]
+    for config in [c for c in CONFIGS if c in rows]:
+        r = rows[config]
+        delta = "" if dense is None or r is dense else f"{r['mean'] - dense['mean']:+.4f}"
+        share = "" if r["min_share"] is None else f"{r['min_share']:.3f} / {r['max_share']:.3f}"
+        lines.append(f"| {config} | {r['params'] / 1e6:.2f}M ({r['active'] / 1e6:.2f}M) | {r['n']} | {r['mean']:.4f} "
+                     f"| {r['min']:.4f}..{r['max']:.4f} | {delta} | {beats(r, dense)} | {fmt(r['drop_frac'], '.4f')} "
+                     f"| {share} | {fmt(r['tokens_per_s'], ',.0f')} |")
+    return lines + [*expert_choice_gap(groups, corpus), ""]
+
+
+def expert_choice_gap(groups: dict, corpus: str) -> list[str]:
+    runs = [r for r in groups.get((corpus, "expert_choice"), []) if "val_expert_choice" in r]
+    if not runs:
+        return []
+    causal = statistics.fmean(r["final_val"] for r in runs)
+    leaky = statistics.fmean(r["val_expert_choice"] for r in runs)
+    return ["", f"expert_choice evaluated as it trains (each expert picks over the whole validation batch, later "
+                f"tokens included): {leaky:.4f}, vs {causal:.4f} with the causal token-choice routing of eval mode "
+                f"(the table's number), {leaky - causal:+.4f}."]
+
+
+def report(groups: dict, steps: int, command: str) -> str:
+    corpora = [c for c in CORPORA if any(k[0] == c for k in groups)]
+    lines = [f"## Quality at {steps} steps ({steps * 2048:,} tokens)", "", f"    {command}", "",
+             "Configs: " + "; ".join(f"`{name}`: {what}" for name, (what, _) in CONFIGS.items()), ""]
+    for corpus in corpora:
+        lines += table(groups, corpus)
+    return "\n".join(lines)
+
+
+def plot(groups: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    corpora = [c for c in CORPORA if any(k[0] == c for k in groups)]
+    fig, axes = plt.subplots(1, len(corpora), figsize=(7 * len(corpora), 5), squeeze=False)
+    for ax, corpus in zip(axes[0], corpora):
+        for config in [c for c in CONFIGS if (corpus, c) in groups]:
+            runs = groups[corpus, config]
+            steps = sorted(set.intersection(*(set(map(int, r["val_loss"])) for r in runs)))
+            mean = [statistics.fmean(r["val_loss"][str(s)] for r in runs) for s in steps]
+            dense = config.startswith("dense")
+            ax.plot(steps, mean, label=config, linestyle="--" if dense else "-", linewidth=2.2 if dense else 1.2)
+        ax.set(title=f"{corpus}: validation loss (mean over seeds)", xlabel="step", ylabel="val loss (nats/byte)")
+        ax.set_ylim(top=ax.get_ylim()[0] + 0.6 * (ax.get_ylim()[1] - ax.get_ylim()[0]))  # zoom on the finish
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def names(text: str, allowed, what: str) -> list[str]:
+    chosen = [n for n in text.split(",") if n]
+    unknown = [n for n in chosen if n not in allowed]
+    if unknown:
+        raise SystemExit(f"--{what}: unknown {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+    return chosen
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--corpora", default=",".join(CORPORA))
+    p.add_argument("--configs", default=",".join(CONFIGS))
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--results", type=Path, default=REPO_ROOT / "bench" / "results" / "quality")
+    p.add_argument("--out", help="write the markdown report here")
+    p.add_argument("--json", help="write the aggregated table as JSON here")
+    p.add_argument("--plot", help="write the validation curves (PNG) here")
+    p.add_argument("--report-only", action="store_true", help="report the stored results; train nothing")
+    p.add_argument("--quick", action="store_true", help="tiny shape, 20 steps, 2 configs, 1 seed (a smoke test)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.eval_every, args.seeds = 20, 10, "0"
+        args.configs = "dense,top2_dropless" if args.configs == p.get_default("configs") else args.configs
+        args.corpora = "embedded" if args.corpora == p.get_default("corpora") else args.corpora
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> str:
+    args = parse_args(argv)
+    corpora, configs = names(args.corpora, CORPORA, "corpora"), names(args.configs, CONFIGS, "configs")
+    if "shakespeare" in corpora and not SHAKESPEARE.is_file():
+        raise SystemExit(f"--corpora shakespeare needs {SHAKESPEARE}")
+    if not args.report_only:
+        run_all(args, corpora, configs, [int(s) for s in args.seeds.split(",")])
+    groups = {k: v for k, v in load_results(args.results, args.steps).items() if k[0] in corpora and k[1] in configs}
+    text = report(groups, args.steps, "python bench/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    if args.json:
+        rows = {f"{c}/{k}": aggregate(v) for (c, k), v in groups.items()}
+        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+    if args.plot and groups:
+        plot(groups, args.plot)
+    return text
+
+
+if __name__ == "__main__":
+    main()

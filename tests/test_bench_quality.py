@@ -1,0 +1,50 @@
+"""bench/quality.py: the quick run trains its configs once (a second call only reports), every config composes and
+validates, and 'beats the dense twin' means every seed below every dense seed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from helpers import load_bench_script
+from moe_train.cli_config import compose_config
+from moe_train.config import validate_config
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_bench_script("quality")
+
+
+def test_every_config_composes_validates_and_has_the_dense_twins_active_ffn_width(bench):
+    for corpus in bench.CORPORA:
+        for config in bench.CONFIGS:
+            cfg = compose_config(bench.run_overrides(corpus, config, 0, 10, 5, quick=False))
+            validate_config(cfg)
+            m, moe = cfg.model, cfg.moe
+            active = m.d_ff if m.moe_every == 0 else moe.top_k * moe.d_ff + moe.num_shared_experts * moe.d_ff
+            assert active == (2048 if config == "dense_total" else 512), config
+
+
+def test_beats_needs_every_seed_below_every_dense_seed(bench):
+    dense = {"n": 3, "mean": 2.0, "min": 1.98, "max": 2.02}
+    row = lambda lo, hi: {"n": 3, "mean": (lo + hi) / 2, "min": lo, "max": hi}  # noqa: E731
+    assert bench.beats(row(1.90, 1.97), dense) == "**yes**"
+    assert bench.beats(row(1.90, 1.99), dense) == "within spread"
+    assert bench.beats(row(2.00, 2.10), dense) == "no"
+    assert bench.beats({**row(1.0, 1.0), "n": 1}, dense) == "(1 seed)"
+
+
+def test_quick_run_is_resumable_and_reports(bench, tmp_path, monkeypatch):
+    results, out, raw, png = tmp_path / "results", tmp_path / "q.md", tmp_path / "q.json", tmp_path / "q.png"
+    args = ["--quick", "--results", str(results), "--out", str(out), "--json", str(raw), "--plot", str(png)]
+    bench.main(args)
+    stored = sorted(p.name for p in results.iterdir())
+    assert stored == ["embedded__dense__s0__20.json", "embedded__top2_dropless__s0__20.json"]
+    rows = json.loads(raw.read_text())
+    assert set(rows) == {"embedded/dense", "embedded/top2_dropless"} and rows["embedded/dense"]["n"] == 1
+    monkeypatch.setattr(bench, "train_one", lambda overrides: pytest.fail("a stored run was trained again"))
+    text = bench.main(args)
+    assert "| top2_dropless |" in text and "| dense |" in text and out.read_text() == text
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
