@@ -218,12 +218,13 @@ def plot(groups: dict, path: str) -> None:
     corpora = [c for c in CORPORA if any(k[0] == c for k in groups)]
     fig, axes = plt.subplots(1, len(corpora), figsize=(7 * len(corpora), 5), squeeze=False)
     for ax, corpus in zip(axes[0], corpora):
-        for config in [c for c in CONFIGS if (corpus, c) in groups]:
+        for i, config in enumerate(c for c in CONFIGS if (corpus, c) in groups):
             runs = groups[corpus, config]
             steps = sorted(set.intersection(*(set(map(int, r["val_loss"])) for r in runs)))
             mean = [statistics.fmean(r["val_loss"][str(s)] for r in runs) for s in steps]
             dense = config.startswith("dense")
-            ax.plot(steps, mean, label=config, linestyle="--" if dense else "-", linewidth=2.2 if dense else 1.2)
+            ax.plot(steps, mean, label=config, linestyle="--" if dense else "-", linewidth=2.2 if dense else 1.2,
+                    color=plt.get_cmap("tab20")(i))  # 13 configs: tab10 would repeat colours
         ax.set(title=f"{corpus}: validation loss (mean over seeds)", xlabel="step", ylabel="val loss (nats/byte)")
         ax.set_ylim(top=ax.get_ylim()[0] + 0.6 * (ax.get_ylim()[1] - ax.get_ylim()[0]))  # zoom on the finish
         ax.legend(fontsize=7, ncol=2)
