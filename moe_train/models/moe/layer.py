@@ -34,7 +34,8 @@ class MoEStats:
     aux_loss: torch.Tensor  # unscaled load-balancing loss L_aux
     z_loss: torch.Tensor  # unscaled router z-loss L_z
     capacity: Optional[int]  # C, or None when dropless
-    choices_E: torch.Tensor  # [E] float: pairs the router chose per expert, before capacity (the balancing load)
+    choices_E: Optional[torch.Tensor]  # [E] float: pairs the router chose per expert before capacity (the load of
+    # the balancing bias); None when the router has no bias
 
 
 class SharedExperts(nn.Module):
@@ -121,4 +122,4 @@ class MoELayer(nn.Module):
     def collect_stats(route: Routing, lb_loss, z_loss) -> MoEStats:
         plan = route.plan
         return MoEStats(plan.counts_E.float(), plan.drop_fraction(), losses.router_entropy(route.probs_TE),
-                        lb_loss.detach(), z_loss.detach(), plan.capacity, route.choices_E.detach())
+                        lb_loss.detach(), z_loss.detach(), plan.capacity, route.choices_E)

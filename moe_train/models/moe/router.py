@@ -70,7 +70,8 @@ class Routing:
     probs_TE: torch.Tensor  # >= float32 distribution over experts: softmax, or sigmoid scores normalised per token
     plan: DispatchPlan  # built by the router for its own decisions (routing.py)
     counted_TE: torch.Tensor  # float32 1 where the load-balancing loss counts token t for expert e (its f_e)
-    choices_E: torch.Tensor  # float32 pairs chosen per expert before capacity: the load aux-loss-free balancing reads
+    choices_E: Optional[torch.Tensor]  # float32 pairs chosen per expert before capacity, the load aux-loss-free
+    # balancing reads: counted only when the router has a balancing bias (None otherwise)
     ids_TK: Optional[torch.Tensor] = None  # token choice: int64 chosen experts, best first
     probs_TK: Optional[torch.Tensor] = None  # token choice: score of each chosen expert (not renormalised)
     active_TK: Optional[torch.Tensor] = None  # token choice, bool; None = every choice dispatched
@@ -157,9 +158,15 @@ class TopKRouter(nn.Module):
         active_TK = self.sample_second_expert(probs_TK) if self.training and self.sample_second else None
         plan = self.token_choice_plan(ids_TK, probs_TK, active_TK)
         counted_TE = counted_choices(ids_TK, self.num_experts, self.cfg.aux_loss_counting, active_TK)
-        choices_E = count_per_group(ids_TK.reshape(-1), self.num_experts,
-                                    None if active_TK is None else active_TK.reshape(-1).float())
-        return Routing(logits_TE, probs_TE, plan, counted_TE, choices_E.float(), ids_TK, probs_TK, active_TK)
+        return Routing(logits_TE, probs_TE, plan, counted_TE, self.choices(ids_TK, active_TK), ids_TK, probs_TK,
+                       active_TK)
+
+    def choices(self, ids_TK: torch.Tensor, active_TK: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """[E] float32 active choices per expert, for the bias update; None (not counted) without a bias."""
+        if self.expert_bias is None:
+            return None
+        weights_A = None if active_TK is None else active_TK.reshape(-1).float()
+        return count_per_group(ids_TK.reshape(-1), self.num_experts, weights_A).float()
 
     def token_choice_plan(self, ids_TK, probs_TK, active_TK) -> TokenChoicePlan:
         """Capacity (moe.capacity_factor, or eval_capacity_factor in eval mode) or dropless plan of the choices."""
@@ -226,8 +233,9 @@ class ExpertChoiceRouter(TopKRouter):
         capacity = expert_capacity(x_TD.shape[0], cfg.num_experts, cfg.top_k, cfg.capacity_factor, cfg.min_capacity)
         plan = expert_choice_plan(scores_TE, capacity, cfg.routed_scale)
         expert_R = torch.arange(cfg.num_experts, device=x_TD.device).repeat_interleave(plan.capacity)
-        counted_TE = torch.zeros_like(probs_TE).index_put_((plan.src_R, expert_R), probs_TE.new_ones(()))
-        return Routing(logits_TE, probs_TE, plan, counted_TE.float(), plan.counts_E.float())
+        counted_TE = torch.zeros(probs_TE.shape, dtype=torch.float32, device=x_TD.device)
+        counted_TE.index_put_((plan.src_R, expert_R), counted_TE.new_ones(()))
+        return Routing(logits_TE, probs_TE, plan, counted_TE, None)  # no bias: expert choice is balanced
 
 
 ROUTER_CLASSES = {"topk": TopKRouter, "noisy_topk": NoisyTopKRouter, "expert_choice": ExpertChoiceRouter}
