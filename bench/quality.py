@@ -200,16 +200,47 @@ def expert_choice_gap(groups: dict, corpus: str) -> list[str]:
                 f"(the table's number), {leaky - causal:+.4f}."]
 
 
+def eval_steps(runs: list[dict]) -> list[int]:
+    """The validation steps every run logged."""
+    return sorted(set.intersection(*(set(map(int, r["val_loss"])) for r in runs)))
+
+
+def at_step(runs: list[dict], step: int) -> dict:
+    vals = [r["val_loss"][str(step)] for r in runs]
+    return {"n": len(vals), "mean": statistics.fmean(vals), "min": min(vals), "max": max(vals)}
+
+
+def horizon(groups: dict, corpus: str) -> list[str]:
+    """Per validation step, each config's mean difference to the dense twin, marked * where every seed is below
+    every dense seed: the horizon is where the marks start and stay."""
+    dense = groups.get((corpus, "dense"))
+    configs = [c for c in CONFIGS if c != "dense" and (corpus, c) in groups]
+    if dense is None or not configs:
+        return []
+    steps = eval_steps(dense + [r for c in configs for r in groups[corpus, c]])
+    lines = [f"#### {corpus}: difference to the dense twin's mean validation loss by step (* = beats it: every "
+             "seed below every dense seed)", "", "| config | " + " | ".join(map(str, steps)) + " |",
+             "|---|" + "---:|" * len(steps)]
+    for config in configs:
+        cells = []
+        for step in steps:
+            row, base = at_step(groups[corpus, config], step), at_step(dense, step)
+            cells.append(f"{row['mean'] - base['mean']:+.4f}{'*' if beats(row, base) == '**yes**' else ''}")
+        lines.append(f"| {config} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def report(groups: dict, steps: int, command: str) -> str:
     corpora = [c for c in CORPORA if any(k[0] == c for k in groups)]
     lines = [f"## Quality at {steps} steps ({steps * 2048:,} tokens)", "", f"    {command}", "",
              "Configs: " + "; ".join(f"`{name}`: {what}" for name, (what, _) in CONFIGS.items()), ""]
     for corpus in corpora:
-        lines += table(groups, corpus)
+        lines += table(groups, corpus) + horizon(groups, corpus)
     return "\n".join(lines)
 
 
-def plot(groups: dict, path: str) -> None:
+def figure(groups: dict):
+    """A pyplot figure with one axis per corpus in `groups` (headless backend)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -217,10 +248,38 @@ def plot(groups: dict, path: str) -> None:
 
     corpora = [c for c in CORPORA if any(k[0] == c for k in groups)]
     fig, axes = plt.subplots(1, len(corpora), figsize=(7 * len(corpora), 5), squeeze=False)
-    for ax, corpus in zip(axes[0], corpora):
+    return plt, fig, list(zip(axes[0], corpora))
+
+
+def plot_bands(groups: dict, path: str) -> None:
+    """Each config's seed band (min..max) and mean, minus the dense twin's mean, by step: where a band lies wholly
+    below the dense band, the config beats the dense twin by more than the seed spread."""
+    plt, fig, axes = figure(groups)
+    for ax, corpus in axes:
+        dense = groups.get((corpus, "dense"))
+        if dense is None:
+            continue
+        for i, config in enumerate(c for c in CONFIGS if (corpus, c) in groups):
+            steps = eval_steps(dense + groups[corpus, config])
+            rows = [(at_step(groups[corpus, config], s), at_step(dense, s)["mean"]) for s in steps]
+            color = "black" if config == "dense" else plt.get_cmap("tab10")(i % 10)
+            ax.fill_between(steps, [r["min"] - b for r, b in rows], [r["max"] - b for r, b in rows], color=color,
+                            alpha=0.15 if config == "dense" else 0.25, linewidth=0)
+            ax.plot(steps, [r["mean"] - b for r, b in rows], color=color, label=config)
+        ax.axhline(0, color="black", linewidth=0.6)
+        ax.set(title=f"{corpus}: val loss minus the dense twin's mean (band: seeds min..max)", xlabel="step",
+               ylabel="difference (nats/byte)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def plot(groups: dict, path: str) -> None:
+    plt, fig, axes = figure(groups)
+    for ax, corpus in axes:
         for i, config in enumerate(c for c in CONFIGS if (corpus, c) in groups):
             runs = groups[corpus, config]
-            steps = sorted(set.intersection(*(set(map(int, r["val_loss"])) for r in runs)))
+            steps = eval_steps(runs)
             mean = [statistics.fmean(r["val_loss"][str(s)] for r in runs) for s in steps]
             dense = config.startswith("dense")
             ax.plot(steps, mean, label=config, linestyle="--" if dense else "-", linewidth=2.2 if dense else 1.2,
@@ -251,6 +310,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--out", help="write the markdown report here")
     p.add_argument("--json", help="write the aggregated table as JSON here")
     p.add_argument("--plot", help="write the validation curves (PNG) here")
+    p.add_argument("--bands", help="write each config's seed band minus the dense twin's mean, by step (PNG) here")
     p.add_argument("--report-only", action="store_true", help="report the stored results; train nothing")
     p.add_argument("--quick", action="store_true", help="tiny shape, 20 steps, 2 configs, 1 seed (a smoke test)")
     args = p.parse_args(argv)
@@ -278,6 +338,8 @@ def main(argv: Optional[list[str]] = None) -> str:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
     if args.plot and groups:
         plot(groups, args.plot)
+    if args.bands and groups:
+        plot_bands(groups, args.bands)
     return text
 
 
