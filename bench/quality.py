@@ -172,19 +172,31 @@ def beats(row: dict, dense: Optional[dict]) -> str:
     return "no" if row["mean"] >= dense["mean"] else "within spread"
 
 
+def paired(runs: list[dict], dense: list[dict], step: Optional[int] = None) -> Optional[tuple[float, float]]:
+    """min..max over seeds of (run - the dense run with the same seed), at `step` (default: the end). A seed fixes
+    the data order and the validation batches, so this difference is free of the data-order part of the spread."""
+    val = (lambda r: r["final_val"]) if step is None else (lambda r: r["val_loss"][str(step)])  # noqa: E731
+    base = {r["seed"]: val(r) for r in dense}
+    diffs = [val(r) - base[r["seed"]] for r in runs if r["seed"] in base]
+    return (min(diffs), max(diffs)) if len(diffs) >= 2 else None
+
+
 def table(groups: dict, corpus: str) -> list[str]:
     rows = {config: aggregate(runs) for (c, config), runs in groups.items() if c == corpus}
     dense = rows.get("dense")
     fmt = lambda v, spec: "" if v is None else format(v, spec)  # noqa: E731
     lines = [f"### {corpus}", "",
-             "| config | params (active) | seeds | val loss mean | min..max | vs dense twin | beats it | drop frac "
-             "| min / max expert share | tokens/s |", "|---|---|---:|---:|---|---:|---|---:|---|---:|"]
+             "| config | params (active) | seeds | val loss mean | min..max | vs dense twin | beats it "
+             "| vs same-seed dense min..max | drop frac | min / max expert share | tokens/s |",
+             "|---|---|---:|---:|---|---:|---|---|---:|---|---:|"]
     for config in [c for c in CONFIGS if c in rows]:
         r = rows[config]
         delta = "" if dense is None or r is dense else f"{r['mean'] - dense['mean']:+.4f}"
+        pair = None if dense is None or r is dense else paired(groups[corpus, config], groups[corpus, "dense"])
+        pair = "" if pair is None else f"{pair[0]:+.4f}..{pair[1]:+.4f}"
         share = "" if r["min_share"] is None else f"{r['min_share']:.3f} / {r['max_share']:.3f}"
         lines.append(f"| {config} | {r['params'] / 1e6:.2f}M ({r['active'] / 1e6:.2f}M) | {r['n']} | {r['mean']:.4f} "
-                     f"| {r['min']:.4f}..{r['max']:.4f} | {delta} | {beats(r, dense)} | {fmt(r['drop_frac'], '.4f')} "
+                     f"| {r['min']:.4f}..{r['max']:.4f} | {delta} | {beats(r, dense)} | {pair} | {fmt(r['drop_frac'], '.4f')} "
                      f"| {share} | {fmt(r['tokens_per_s'], ',.0f')} |")
     return lines + [*expert_choice_gap(groups, corpus), ""]
 
@@ -212,20 +224,23 @@ def at_step(runs: list[dict], step: int) -> dict:
 
 def horizon(groups: dict, corpus: str) -> list[str]:
     """Per validation step, each config's mean difference to the dense twin, marked * where every seed is below
-    every dense seed: the horizon is where the marks start and stay."""
+    every dense seed (the horizon is where the marks start and stay), + where every seed is only below the dense run
+    with the same seed."""
     dense = groups.get((corpus, "dense"))
     configs = [c for c in CONFIGS if c != "dense" and (corpus, c) in groups]
     if dense is None or not configs:
         return []
     steps = eval_steps(dense + [r for c in configs for r in groups[corpus, c]])
     lines = [f"#### {corpus}: difference to the dense twin's mean validation loss by step (* = beats it: every "
-             "seed below every dense seed)", "", "| config | " + " | ".join(map(str, steps)) + " |",
+             "seed below every dense seed; + = every seed below the dense run with the same seed)", "", "| config | " + " | ".join(map(str, steps)) + " |",
              "|---|" + "---:|" * len(steps)]
     for config in configs:
         cells = []
         for step in steps:
             row, base = at_step(groups[corpus, config], step), at_step(dense, step)
-            cells.append(f"{row['mean'] - base['mean']:+.4f}{'*' if beats(row, base) == '**yes**' else ''}")
+            pair = paired(groups[corpus, config], dense, step)
+            mark = "*" if beats(row, base) == "**yes**" else "+" if pair is not None and pair[1] < 0 else ""
+            cells.append(f"{row['mean'] - base['mean']:+.4f}{mark}")
         lines.append(f"| {config} | " + " | ".join(cells) + " |")
     return lines + [""]
 

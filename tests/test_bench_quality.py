@@ -50,12 +50,14 @@ def test_quick_run_is_resumable_and_reports(bench, tmp_path, monkeypatch):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_horizon_marks_the_steps_where_every_seed_is_below_every_dense_seed(bench):
-    run = lambda config, curve: {"corpus": "embedded", "config": config,  # noqa: E731
-                                 "val_loss": {str(s): v for s, v in zip((100, 200, 300), curve)}}
-    groups = {("embedded", "dense"): [run("dense", [2.0, 1.8, 1.60]), run("dense", [2.1, 1.9, 1.62])],
-              ("embedded", "top2_dropless"): [run("top2_dropless", [2.2, 1.85, 1.50]),
-                                              run("top2_dropless", [2.3, 1.95, 1.55])]}
+def test_horizon_marks_where_every_seed_beats_every_dense_seed_or_only_its_same_seed_dense_run(bench):
+    run = lambda config, seed, curve: {"corpus": "embedded", "config": config, "seed": seed,  # noqa: E731
+                                       "val_loss": {str(s): v for s, v in zip((100, 200, 300), curve)}}
+    groups = {("embedded", "dense"): [run("dense", 0, [2.0, 1.8, 1.60]), run("dense", 1, [2.1, 1.9, 1.62])],
+              ("embedded", "top2_dropless"): [run("top2_dropless", 0, [2.2, 1.79, 1.50]),
+                                              run("top2_dropless", 1, [2.3, 1.85, 1.55])]}
     lines = bench.horizon(groups, "embedded")
     assert "| config | 100 | 200 | 300 |" in lines
-    assert "| top2_dropless | +0.2000 | +0.0500 | -0.0850* |" in lines
+    assert "| top2_dropless | +0.2000 | -0.0300+ | -0.0850* |" in lines
+    assert bench.paired(groups["embedded", "top2_dropless"], groups["embedded", "dense"], 200) == \
+        pytest.approx((-0.05, -0.01))
