@@ -156,10 +156,16 @@ def load_results(results: Path, steps: int) -> dict[tuple[str, str], list[dict]]
     return groups
 
 
+def spread(vals: list[float]) -> dict:
+    """Seeds' count, mean, min and max: what `beats` compares."""
+    return {"n": len(vals), "mean": statistics.fmean(vals), "min": min(vals), "max": max(vals)}
+
+
 def aggregate(runs: list[dict]) -> dict:
-    vals = [r["final_val"] for r in runs]
-    mean = lambda key: statistics.fmean(r[key] for r in runs) if all(r[key] is not None for r in runs) else None  # noqa: E731
-    return {"n": len(runs), "mean": statistics.fmean(vals), "min": min(vals), "max": max(vals),
+    def mean(key):
+        return statistics.fmean(r[key] for r in runs) if all(r[key] is not None for r in runs) else None
+
+    return {**spread([r["final_val"] for r in runs]),
             "params": runs[0]["params"], "active": runs[0]["active"], "drop_frac": mean("drop_frac"),
             "min_share": min((r["min_share"] for r in runs if r["min_share"] is not None), default=None),
             "max_share": max((r["max_share"] for r in runs if r["max_share"] is not None), default=None),
@@ -201,8 +207,8 @@ def table(groups: dict, corpus: str) -> list[str]:
         pair = "" if pair is None else f"{pair[0]:+.4f}..{pair[1]:+.4f}"
         share = "" if r["min_share"] is None else f"{r['min_share']:.3f} / {r['max_share']:.3f}"
         lines.append(f"| {config} | {r['params'] / 1e6:.2f}M ({r['active'] / 1e6:.2f}M) | {r['n']} | {r['mean']:.4f} "
-                     f"| {r['min']:.4f}..{r['max']:.4f} | {delta} | {beats(r, dense)} | {pair} | {fmt(r['drop_frac'], '.4f')} "
-                     f"| {share} | {fmt(r['tokens_per_s'], ',.0f')} |")
+                     f"| {r['min']:.4f}..{r['max']:.4f} | {delta} | {beats(r, dense)} | {pair} "
+                     f"| {fmt(r['drop_frac'], '.4f')} | {share} | {fmt(r['tokens_per_s'], ',.0f')} |")
     return lines + [*expert_choice_gap(groups, corpus), ""]
 
 
@@ -223,8 +229,7 @@ def eval_steps(runs: list[dict]) -> list[int]:
 
 
 def at_step(runs: list[dict], step: int) -> dict:
-    vals = [r["val_loss"][str(step)] for r in runs]
-    return {"n": len(vals), "mean": statistics.fmean(vals), "min": min(vals), "max": max(vals)}
+    return spread([r["val_loss"][str(step)] for r in runs])
 
 
 def horizon(groups: dict, corpus: str) -> list[str]:
@@ -237,8 +242,8 @@ def horizon(groups: dict, corpus: str) -> list[str]:
         return []
     steps = eval_steps(dense + [r for c in configs for r in groups[corpus, c]])
     lines = [f"#### {corpus}: difference to the dense twin's mean validation loss by step (* = beats it: every "
-             "seed below every dense seed; + = every seed below the dense run with the same seed)", "", "| config | " + " | ".join(map(str, steps)) + " |",
-             "|---|" + "---:|" * len(steps)]
+             "seed below every dense seed; + = every seed below the dense run with the same seed)", "",
+             "| config | " + " | ".join(map(str, steps)) + " |", "|---|" + "---:|" * len(steps)]
     for config in configs:
         cells = []
         for step in steps:
