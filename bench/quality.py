@@ -76,7 +76,13 @@ CONFIGS = {  # name: (what it is, overrides on SHAPE)
     "sigmoid": ("top-2 dropless, sigmoid scores (+ Switch loss)", ["moe.score_func=sigmoid"]),
     "shared_expert": ("1 shared expert (256) + top-1 of 8 routed (256), raw gate x 2",
                       ["moe.num_shared_experts=1", "moe.top_k=1", "moe.renormalize=false"]),
+    # not in the default set: more total parameters at the same 512 active features (the capacity probes)
+    "top2_e16": ("top-2 of 16 experts of width 256, dropless", ["moe.num_experts=16"]),
+    "fine_e32_top8": ("fine-grained: top-8 of 32 experts of width 64, dropless, routed_scale 8",
+                      ["moe.num_experts=32", "moe.d_ff=64", "moe.top_k=8", "moe.routed_scale=8.0"]),
 }
+EXTRA_CONFIGS = ("top2_e16", "fine_e32_top8")
+DEFAULT_CONFIGS = ",".join(name for name in CONFIGS if name not in EXTRA_CONFIGS)
 
 
 def run_overrides(corpus: str, config: str, seed: int, steps: int, eval_every: int, quick: bool) -> list[str]:
@@ -327,7 +333,7 @@ def names(text: str, allowed, what: str) -> list[str]:
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--corpora", default=DEFAULT_CORPORA, help=f"of {', '.join(CORPORA)}")
-    p.add_argument("--configs", default=",".join(CONFIGS))
+    p.add_argument("--configs", default=DEFAULT_CONFIGS, help=f"of {', '.join(CONFIGS)}")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--eval-every", type=int, default=100)
