@@ -190,8 +190,9 @@ def beats(row: dict, dense: Optional[dict]) -> str:
 
 
 def paired(runs: list[dict], dense: list[dict], step: Optional[int] = None) -> Optional[tuple[float, float]]:
-    """min..max over seeds of (run - the dense run with the same seed), at `step` (default: the end). A seed fixes
-    the data order and the validation batches, so this difference is free of the data-order part of the spread."""
+    """min..max over seeds of (run - the dense run with the same seed), at `step` (default: the end). Validation
+    batches are the same for every run and a seed fixes the training data order, so this difference is free of the
+    data-order part of the spread."""
     val = (lambda r: r["final_val"]) if step is None else (lambda r: r["val_loss"][str(step)])  # noqa: E731
     base = {r["seed"]: val(r) for r in dense}
     diffs = [val(r) - base[r["seed"]] for r in runs if r["seed"] in base]
