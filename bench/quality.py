@@ -265,7 +265,8 @@ def horizon(groups: dict, corpus: str) -> list[str]:
 def report(groups: dict, steps: int, command: str) -> str:
     corpora = [c for c in CORPORA if any(k[0] == c for k in groups)]
     lines = [f"## Quality at {steps} steps ({steps * 2048:,} tokens)", "", f"    {command}", "",
-             "Configs: " + "; ".join(f"`{name}`: {what}" for name, (what, _) in CONFIGS.items()), ""]
+             "Configs: " + "; ".join(f"`{name}`: {what}" for name, (what, _) in CONFIGS.items()
+                                     if any(k[1] == name for k in groups)), ""]
     for corpus in corpora:
         lines += table(groups, corpus) + horizon(groups, corpus)
     return "\n".join(lines)
@@ -299,8 +300,8 @@ def plot_bands(groups: dict, path: str) -> None:
                             alpha=0.15 if config == "dense" else 0.25, linewidth=0)
             ax.plot(steps, [r["mean"] - b for r, b in rows], color=color, label=config)
         ax.axhline(0, color="black", linewidth=0.6)
-        ax.set(title=f"{corpus}: val loss minus the dense twin's mean (band: seeds min..max)", xlabel="step",
-               ylabel="difference (nats/byte)")
+        ax.set(xlabel="step", ylabel="difference (nats/byte)")
+        ax.set_title(f"{corpus}: val loss minus the dense twin's mean (bands: seeds min..max)", fontsize=10)
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
