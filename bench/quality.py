@@ -20,6 +20,8 @@ validation curves (mean over seeds) as a plot.
     python bench/quality.py --configs dense,top2_dropless --steps 2000    # the horizon runs
     python bench/quality.py --corpora embedded_8m --configs dense,dense_total,top2_dropless --seeds 0 --steps 2000
                                                              # the same with 8x the data: no repeated epochs
+    python bench/quality.py --corpora embedded_8m --configs dense,top2_dropless --d-model 256 --steps 8000
+                                                             # a wider model: every width x 2, head dim 32 kept
     python bench/quality.py --report-only --out bench/results/quality.md --plot docs/img/quality.png
     python bench/quality.py --quick                          # a minute: 2 configs, 1 seed, 20 steps, tiny shape
 """
@@ -85,8 +87,25 @@ EXTRA_CONFIGS = ("top2_e16", "fine_e32_top8")
 DEFAULT_CONFIGS = ",".join(name for name in CONFIGS if name not in EXTRA_CONFIGS)
 
 
-def run_overrides(corpus: str, config: str, seed: int, steps: int, eval_every: int, quick: bool) -> list[str]:
-    return [*CORPORA[corpus], *SHAPE, *CONFIGS[config][1], *(QUICK_SHAPE if quick else []),
+BASE_WIDTH = 128  # SHAPE's d_model; --d-model scales every width from it
+SCALED_KEYS = {"model.d_model", "model.d_ff", "moe.d_ff", "model.n_heads", "model.n_kv_heads"}
+
+
+def scaled(overrides: list[str], d_model: int) -> list[str]:
+    """`overrides` at model width d_model: d_model, every FFN width and the head counts times d_model / 128 (head
+    dim 32, 2 query heads per kv head and each config's FFN widths in d_model units stay as they are)."""
+    if d_model % 64:
+        raise SystemExit(f"--d-model {d_model}: must be a multiple of 64 (head dim 32, 2 query heads per kv head)")
+    out = []
+    for item in overrides:
+        key, value = item.split("=", 1)
+        out.append(f"{key}={int(value) * d_model // BASE_WIDTH}" if key in SCALED_KEYS else item)
+    return out
+
+
+def run_overrides(corpus: str, config: str, seed: int, steps: int, eval_every: int, quick: bool,
+                  d_model: int = BASE_WIDTH) -> list[str]:
+    return [*CORPORA[corpus], *scaled([*SHAPE, *CONFIGS[config][1]], d_model), *(QUICK_SHAPE if quick else []),
             "train.seq_len=128", "train.batch_size=16", f"train.max_steps={steps}", f"train.seed={seed}",
             f"train.eval_every={eval_every}", "train.eval_batches=16", "train.log_every=10", "train.progress=false",
             "optim.warmup_steps=30", "checkpoint.every=0"]
@@ -133,20 +152,21 @@ def non_causal_val(trainer: Trainer) -> float:
     return loss_sum / max(count, 1.0)
 
 
-def result_path(results: Path, corpus: str, config: str, seed: int, steps: int) -> Path:
-    return results / f"{corpus}__{config}__s{seed}__{steps}.json"
+def result_path(results: Path, corpus: str, config: str, seed: int, steps: int, d_model: int = BASE_WIDTH) -> Path:
+    width = "" if d_model == BASE_WIDTH else f"__d{d_model}"  # the d 128 runs keep their names
+    return results / f"{corpus}__{config}__s{seed}{width}__{steps}.json"
 
 
 def run_all(args, corpora: list[str], configs: list[str], seeds: list[int]) -> None:
     for seed in seeds:  # all configs of a seed first: an interrupted sweep still compares everything
         for corpus in corpora:
             for config in configs:
-                path = result_path(args.results, corpus, config, seed, args.steps)
+                path = result_path(args.results, corpus, config, seed, args.steps, args.d_model)
                 if path.exists():
                     continue
-                overrides = run_overrides(corpus, config, seed, args.steps, args.eval_every, args.quick)
+                overrides = run_overrides(corpus, config, seed, args.steps, args.eval_every, args.quick, args.d_model)
                 result = {"corpus": corpus, "config": config, "seed": seed, "steps": args.steps,
-                          "overrides": overrides, **train_one(overrides)}
+                          "d_model": args.d_model, "overrides": overrides, **train_one(overrides)}
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text(json.dumps(result, indent=1) + "\n")
                 print(f"{corpus} {config} seed {seed}: val {result['final_val']:.4f} in {result['seconds']:.0f} s",
@@ -154,11 +174,12 @@ def run_all(args, corpora: list[str], configs: list[str], seeds: list[int]) -> N
 
 
 # -- report -----------------------------------------------------------------------------------------------------------
-def load_results(results: Path, steps: int) -> dict[tuple[str, str], list[dict]]:
+def load_results(results: Path, steps: int, d_model: int = BASE_WIDTH) -> dict[tuple[str, str], list[dict]]:
     groups: dict[tuple[str, str], list[dict]] = {}
     for path in sorted(results.glob(f"*__{steps}.json")):
         r = json.loads(path.read_text())
-        groups.setdefault((r["corpus"], r["config"]), []).append(r)
+        if r.get("d_model", BASE_WIDTH) == d_model:  # runs stored before --d-model existed are d 128
+            groups.setdefault((r["corpus"], r["config"]), []).append(r)
     return groups
 
 
@@ -262,9 +283,10 @@ def horizon(groups: dict, corpus: str) -> list[str]:
     return lines + [""]
 
 
-def report(groups: dict, steps: int, command: str) -> str:
+def report(groups: dict, steps: int, command: str, d_model: int = BASE_WIDTH) -> str:
     corpora = [c for c in CORPORA if any(k[0] == c for k in groups)]
-    lines = [f"## Quality at {steps} steps ({steps * 2048:,} tokens)", "", f"    {command}", "",
+    width = "" if d_model == BASE_WIDTH else f", d_model {d_model} (every width below x {d_model / BASE_WIDTH:g})"
+    lines = [f"## Quality at {steps} steps ({steps * 2048:,} tokens){width}", "", f"    {command}", "",
              "Configs: " + "; ".join(f"`{name}`: {what}" for name, (what, _) in CONFIGS.items()
                                      if any(k[1] == name for k in groups)), ""]
     for corpus in corpora:
@@ -339,6 +361,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--d-model", type=int, default=BASE_WIDTH,
+                   help="model width; every FFN width and the head counts scale with it (multiple of 64)")
     p.add_argument("--results", type=Path, default=REPO_ROOT / "bench" / "results" / "quality")
     p.add_argument("--out", help="write the markdown report here")
     p.add_argument("--json", help="write the aggregated table as JSON here")
@@ -361,8 +385,10 @@ def main(argv: Optional[list[str]] = None) -> str:
         raise SystemExit(f"--corpora shakespeare needs {SHAKESPEARE}")
     if not args.report_only:
         run_all(args, corpora, configs, [int(s) for s in args.seeds.split(",")])
-    groups = {k: v for k, v in load_results(args.results, args.steps).items() if k[0] in corpora and k[1] in configs}
-    text = report(groups, args.steps, "python bench/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    groups = {k: v for k, v in load_results(args.results, args.steps, args.d_model).items()
+              if k[0] in corpora and k[1] in configs}
+    command = "python bench/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    text = report(groups, args.steps, command, args.d_model)
     print(text)
     if args.out:
         Path(args.out).write_text(text)

@@ -17,14 +17,30 @@ def bench():
     return load_bench_script("quality")
 
 
-def test_every_config_composes_validates_and_has_the_dense_twins_active_ffn_width(bench):
+@pytest.mark.parametrize("d_model", [128, 256])
+def test_every_config_composes_validates_and_has_the_dense_twins_active_ffn_width(bench, d_model):
     for corpus in bench.CORPORA:
         for config in bench.CONFIGS:
-            cfg = compose_config(bench.run_overrides(corpus, config, 0, 10, 5, quick=False))
+            cfg = compose_config(bench.run_overrides(corpus, config, 0, 10, 5, quick=False, d_model=d_model))
             validate_config(cfg)
             m, moe = cfg.model, cfg.moe
             active = m.d_ff if m.moe_every == 0 else moe.top_k * moe.d_ff + moe.num_shared_experts * moe.d_ff
-            assert active == (2048 if config == "dense_total" else 512), config
+            assert m.d_model == d_model and m.d_model // m.n_heads == 32, config
+            assert active == (16 if config == "dense_total" else 4) * d_model, config
+
+
+def test_wider_runs_are_stored_and_reported_apart_from_the_d128_runs(bench, tmp_path):
+    with pytest.raises(SystemExit, match="--d-model 96"):
+        bench.scaled(bench.SHAPE, 96)
+    for d_model in (128, 256):
+        path = bench.result_path(tmp_path, "embedded", "dense", 0, 20, d_model)
+        path.write_text(json.dumps({"corpus": "embedded", "config": "dense", "seed": 0, "d_model": d_model}))
+    (tmp_path / "embedded__top2_dropless__s0__20.json").write_text(  # stored before --d-model: a d 128 run
+        json.dumps({"corpus": "embedded", "config": "top2_dropless", "seed": 0}))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "embedded__dense__s0__20.json", "embedded__dense__s0__d256__20.json", "embedded__top2_dropless__s0__20.json"]
+    assert set(bench.load_results(tmp_path, 20)) == {("embedded", "dense"), ("embedded", "top2_dropless")}
+    assert [r["d_model"] for r in bench.load_results(tmp_path, 20, 256)[("embedded", "dense")]] == [256]
 
 
 def test_beats_needs_every_seed_below_every_dense_seed(bench):
