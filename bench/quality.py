@@ -371,6 +371,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--report-only", action="store_true", help="report the stored results; train nothing")
     p.add_argument("--quick", action="store_true", help="tiny shape, 20 steps, 2 configs, 1 seed (a smoke test)")
     args = p.parse_args(argv)
+    if args.quick and args.d_model != BASE_WIDTH:  # the quick shape sets its own widths
+        raise SystemExit(f"--quick runs its own tiny shape; it does not take --d-model {args.d_model}")
     if args.quick:
         args.steps, args.eval_every, args.seeds = 20, 10, "0"
         args.configs = "dense,top2_dropless" if args.configs == p.get_default("configs") else args.configs
