@@ -29,6 +29,7 @@ validation curves (mean over seeds) as a plot.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -44,6 +45,9 @@ sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from anywhere, witho
 
 from moe_train.cli_config import compose_config  # noqa: E402
 from moe_train.config.schema import validate_config  # noqa: E402
+from moe_train.data import build_data, embedded_documents  # noqa: E402
+from moe_train.data.embedded import entropy_floor  # noqa: E402
+from moe_train.evaluate import task_batches  # noqa: E402
 from moe_train.models.params import count_parameters  # noqa: E402
 from moe_train.runs import read_run  # noqa: E402
 from moe_train.training.trainer import Trainer, loss_sums  # noqa: E402
@@ -131,6 +135,9 @@ def train_one(overrides: list[str]) -> dict:
         trainer.train()
         seconds = time.perf_counter() - start
         extra = {"val_expert_choice": non_causal_val(trainer)} if cfg.moe.router == "expert_choice" else {}
+        if cfg.data.source == "embedded":
+            extra.update(val_by_domain=val_by_domain(trainer), entropy_floor=entropy_floor(
+                embedded_documents(cfg.data.embedded_size)))
         run = read_run(Path(tmp))
     evals = {r["step"]: r["val_loss"] for r in run.evals}
     drops = [r["drop_frac"] for r in run.train if "drop_frac" in r]
@@ -150,6 +157,22 @@ def non_causal_val(trainer: Trainer) -> float:
             moe.router.train()
         loss_sum, count = loss_sums(trainer.forward_logits, trainer.data.val, trainer.device).tolist()
     return loss_sum / max(count, 1.0)
+
+
+@torch.no_grad()
+def val_by_domain(trainer: Trainer) -> dict[str, list[float]]:
+    """{domain: [final validation loss, targets counted]} on the embedded corpus: the same batches as val_loss, each
+    target counted under the domain of the document it belongs to (a separator under the document it ends)."""
+    cfg = trainer.cfg
+    data = build_data(dataclasses.replace(cfg.data, task_of_domain=True), cfg.train.seq_len,
+                      trainer.micro_batch_size, val_batches=cfg.train.eval_batches, say=lambda _: None)
+    batches, out = list(data.val), {}
+    with trainer.engine.evaluation():
+        for task, domain in enumerate(data.task_names):
+            loss_sum, count = loss_sums(lambda inputs, _: trainer.forward_logits(inputs), task_batches(batches, task),
+                                        trainer.device).tolist()  # host sync: one per domain, after training
+            out[domain] = [loss_sum / count, count]
+    return out
 
 
 def result_path(results: Path, corpus: str, config: str, seed: int, steps: int, d_model: int = BASE_WIDTH) -> Path:
@@ -283,6 +306,40 @@ def horizon(groups: dict, corpus: str) -> list[str]:
     return lines + [""]
 
 
+def domain_losses(runs: list[dict]) -> Optional[dict[str, float]]:
+    """Mean over seeds of each domain's final validation loss, and "all" (None unless every run measured them)."""
+    if not all("val_by_domain" in r for r in runs):
+        return None
+    domains = list(runs[0]["val_by_domain"])
+    out = {d: statistics.fmean(r["val_by_domain"][d][0] for r in runs) for d in domains}
+    return {**out, "all": statistics.fmean(r["final_val"] for r in runs)}
+
+
+def by_domain(groups: dict, corpus: str) -> list[str]:
+    """The final validation loss per domain of the embedded corpus beside the generators' entropy (no model can go
+    below it): where the loss left above the floor is, and where the configs differ (in brackets: minus dense)."""
+    rows = {c: domain_losses(groups[corpus, c]) for c in CONFIGS if (corpus, c) in groups}
+    rows = {c: r for c, r in rows.items() if r is not None}
+    if not rows:
+        return []
+    first = next(r for c in rows for r in groups[corpus, c])
+    counts = {d: n for d, (_, n) in first["val_by_domain"].items()}
+    floor = {**first["entropy_floor"], "all": sum(first["entropy_floor"][d] * n for d, n in counts.items())
+             / sum(counts.values())}  # the floor of the validation tokens' mix of domains
+    dense, domains = rows.get("dense"), [*counts, "all"]
+    share = {**{d: f"{n / sum(counts.values()):.0%}" for d, n in counts.items()}, "all": "100%"}
+    lines = [f"#### {corpus}: final validation loss by domain (mean over seeds; in brackets: minus the dense twin)",
+             "", "| | " + " | ".join(domains) + " |", "|---|" + "---:|" * len(domains),
+             "| share of the validation tokens | " + " | ".join(share[d] for d in domains) + " |",
+             "| entropy of the generators (floor) | " + " | ".join(f"{floor[d]:.4f}" for d in domains) + " |"]
+    for config, row in rows.items():
+        diff = (lambda d: "") if dense is None or row is dense else (lambda d: f" ({row[d] - dense[d]:+.4f})")
+        seeds = len(groups[corpus, config])
+        lines.append(f"| {config} ({seeds} seed{'s' if seeds > 1 else ''}) | "
+                     + " | ".join(f"{row[d]:.4f}{diff(d)}" for d in domains) + " |")
+    return lines + [""]
+
+
 def report(groups: dict, steps: int, command: str, d_model: int = BASE_WIDTH) -> str:
     corpora = [c for c in CORPORA if any(k[0] == c for k in groups)]
     width = "" if d_model == BASE_WIDTH else f", d_model {d_model} (every width below x {d_model / BASE_WIDTH:g})"
@@ -290,7 +347,7 @@ def report(groups: dict, steps: int, command: str, d_model: int = BASE_WIDTH) ->
              "Configs: " + "; ".join(f"`{name}`: {what}" for name, (what, _) in CONFIGS.items()
                                      if any(k[1] == name for k in groups)), ""]
     for corpus in corpora:
-        lines += table(groups, corpus) + horizon(groups, corpus)
+        lines += table(groups, corpus) + horizon(groups, corpus) + by_domain(groups, corpus)
     return "\n".join(lines)
 
 

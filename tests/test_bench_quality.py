@@ -10,6 +10,7 @@ import pytest
 from helpers import load_bench_script
 from moe_train.cli_config import compose_config
 from moe_train.config import validate_config
+from moe_train.data import DOMAINS
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +64,13 @@ def test_quick_run_is_resumable_and_reports(bench, tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "train_one", lambda overrides: pytest.fail("a stored run was trained again"))
     text = bench.main(args)
     assert "| top2_dropless |" in text and "| dense |" in text and out.read_text() == text
+    assert "| entropy of the generators (floor) |" in text and "| top2_dropless (1 seed) |" in text
+    for name in stored:  # the per-domain losses split the final validation loss
+        run = json.loads((results / name).read_text())
+        per = run["val_by_domain"]
+        assert set(per) == set(DOMAINS) and set(run["entropy_floor"]) == {*DOMAINS, "all"}
+        assert sum(loss * n for loss, n in per.values()) / sum(n for _, n in per.values()) == \
+            pytest.approx(run["final_val"], rel=1e-6)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -77,3 +85,21 @@ def test_horizon_marks_where_every_seed_beats_every_dense_seed_or_only_its_same_
     assert "| top2_dropless | +0.2000 | -0.0300+ | -0.0850* |" in lines
     assert bench.paired(groups["embedded", "top2_dropless"], groups["embedded", "dense"], 200) == \
         pytest.approx((-0.05, -0.01))
+
+
+def test_by_domain_weighs_the_floor_by_the_validation_tokens_and_subtracts_dense(bench):
+    def run(config, seed, a, b):
+        return {"corpus": "embedded", "config": config, "seed": seed, "final_val": (a * 30 + b * 10) / 40,
+                "val_by_domain": {"math": [a, 30], "code": [b, 10]},
+                "entropy_floor": {"math": 0.5, "code": 1.5, "all": 9.9}}
+
+    groups = {("embedded", "dense"): [run("dense", 0, 1.0, 2.0), run("dense", 1, 1.2, 2.2)],
+              ("embedded", "top2_dropless"): [run("top2_dropless", 0, 1.0, 2.0)],
+              ("embedded", "sigmoid"): [{"corpus": "embedded", "config": "sigmoid", "seed": 0, "final_val": 1.0}]}
+    lines = bench.by_domain(groups, "embedded")
+    assert "| | math | code | all |" in lines and "| share of the validation tokens | 75% | 25% | 100% |" in lines
+    assert "| entropy of the generators (floor) | 0.5000 | 1.5000 | 0.7500 |" in lines  # 0.5 x 3/4 + 1.5 x 1/4
+    assert "| dense (2 seeds) | 1.1000 | 2.1000 | 1.3500 |" in lines
+    assert "| top2_dropless (1 seed) | 1.0000 (-0.1000) | 2.0000 (-0.1000) | 1.2500 (-0.1000) |" in lines
+    assert not any("sigmoid" in line for line in lines)  # runs stored before the per-domain losses: left out
+    assert bench.by_domain({("embedded", "sigmoid"): groups["embedded", "sigmoid"]}, "embedded") == []

@@ -8,7 +8,9 @@ import os
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # belt and braces: every dataset below is local
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import collections  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import pathlib  # noqa: E402
 import random  # noqa: E402
 import re  # noqa: E402
@@ -23,6 +25,7 @@ from moe_train.config.store import register_configs  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from moe_train.config.data import DataConfig, validate_data_config  # noqa: E402
+from moe_train.data import embedded  # noqa: E402
 from moe_train.data import (  # noqa: E402
     DOMAINS, ByteTokenizer, TokenLoader, ValidationBatches, build_data, build_tokenizer, domain_labels,
     embedded_documents, encode_documents, iter_documents, load_hf_tokenizer, pack_sequences, split_stream)
@@ -127,6 +130,81 @@ def test_embedded_arithmetic_is_correct():
     assert len(equations) > 500
     ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
     assert all(ops[op](int(a), int(b)) == int(c) for a, op, b, c in equations)
+
+
+class _DrawRecorder(random.Random):
+    """A Random that adds up the log-count of every draw the generators make (what they draw, shown or not)."""
+
+    def __init__(self, seed):
+        super().__init__(seed)
+        self.nats = 0.0
+
+    def getrandbits(self, k):  # keeps choice/randint on getrandbits, so overriding random() below counts once
+        return super().getrandbits(k)
+
+    def random(self):  # the generators only test random() < 0.5: one bit
+        self.nats += math.log(2)
+        return super().random()
+
+    def choice(self, seq):
+        self.nats += math.log(len(seq))
+        return super().choice(seq)
+
+    def randint(self, a, b):
+        self.nats += math.log(b - a + 1)
+        return super().randint(a, b)
+
+    def sample(self, population, k, **kw):
+        self.nats += math.log(math.perm(len(population), k))
+        return super().sample(population, k, **kw)
+
+
+def _mean_drawn_nats(generator, n: int = 3000) -> tuple[float, float]:
+    """(mean, standard error) of the nats a generator draws per document."""
+    rng, values = _DrawRecorder(7), []
+    for _ in range(n):
+        before = rng.nats
+        generator(rng)
+        values.append(rng.nats - before)
+    return float(np.mean(values)), float(np.std(values) / math.sqrt(n))
+
+
+def _plugin_entropy(sample, n: int) -> float:
+    """Miller-Madow corrected plug-in entropy (nats) of the texts `sample()` returns, from n draws."""
+    counts = np.array(list(collections.Counter(sample() for _ in range(n)).values()), dtype=np.float64)
+    p = counts / n
+    return float(-(p * np.log(p)).sum() + (len(counts) - 1) / (2 * n))
+
+
+@pytest.mark.parametrize("domain", ["code", "csv", "json", "dialogue"])
+def test_embedded_document_entropy_matches_the_draws(domain):
+    """Where every draw shows in the text, the expected entropy is the mean of what the generator draws."""
+    mean, se = _mean_drawn_nats(embedded.GENERATORS[domain])
+    assert abs(mean - embedded.DOCUMENT_ENTROPY[domain]()) < 4 * se + 1e-3, (domain, mean, se)
+
+
+@pytest.mark.parametrize("domain, part, repeats, entropy", [
+    ("story", "_sentence", 5.5, embedded.sentence_entropy), ("math", "_equation", 11, embedded.equation_entropy)])
+def test_embedded_document_entropy_of_repeated_parts(monkeypatch, domain, part, repeats, entropy):
+    """Story sentences draw forms they drop, and `a-b` hides the order of its draws: their parts are checked against
+    sampled texts, the rest of the document against its draws with the part drawing nothing."""
+    rng = random.Random(3)
+    args = ("anna",) if part == "_sentence" else ()
+    estimate = _plugin_entropy(lambda: getattr(embedded, part)(rng, *args), 200_000)
+    assert abs(estimate - entropy()) < 0.02, (part, estimate, entropy())
+    monkeypatch.setattr(embedded, part, lambda *a: "x")
+    mean, se = _mean_drawn_nats(embedded.GENERATORS[domain])
+    assert abs(mean - (embedded.DOCUMENT_ENTROPY[domain]() - repeats * entropy())) < 4 * se + 1e-3
+
+
+def test_embedded_entropy_floor_weights_domains_by_tokens():
+    docs = embedded_documents(300_000)
+    floor = embedded.entropy_floor(docs)
+    assert set(floor) == {*DOMAINS, "all"}
+    tokens = {d: sum(len(t) + 1 for dd, t in docs if dd == d) for d in DOMAINS}
+    mixed = sum(floor[d] * tokens[d] for d in DOMAINS) / sum(tokens.values())
+    assert floor["all"] == pytest.approx(mixed)
+    assert 0.1 < floor["all"] < 0.4 and floor["math"] > floor["all"] > floor["dialogue"]
 
 
 def _entropy(values: np.ndarray) -> float:

@@ -10,11 +10,13 @@ the unigram entropy (~4.5 bits/byte):
     csv       a header then rows; in sales tables total = qty * unit price
     json      JSON-lines records with a fixed key order and typed values
     dialogue  Q/A about a fixed fact table (capital cities) and User/Assistant requests
-Generating 1 MB takes well under a second.
+Generating 1 MB takes well under a second. `entropy_floor` gives the entropy of the generators per token, per domain:
+no model can have a lower expected loss on this corpus.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Callable
 
@@ -146,3 +148,75 @@ def embedded_documents(size: int) -> list[tuple[str, str]]:
         docs.append((domain, text))
         total += len(text)
     return docs
+
+
+# --- The corpus's entropy ---------------------------------------------------------------------------------------------
+# Expected entropy (nats) of one document of each domain: the log-count of every random choice that shows in the text
+# (choices made but not shown, such as the sentence forms `_sentence` builds and drops, do not count), with the
+# expected number of repeats for counted parts. Mirrors the generators above; tests/test_data.py checks each part
+# against a plug-in estimate from sampled texts, so a generator change that these miss fails there.
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def _choices(*options) -> float:
+    """Entropy of independent uniform choices among options (sizes of lists, or counts)."""
+    return sum(math.log(n if isinstance(n, int) else len(n)) for n in options)
+
+
+def sentence_entropy() -> float:
+    forms = ((lx.MOTION_VERBS, lx.PLACES, lx.TIMES), (lx.ADJECTIVES, lx.ANIMALS, lx.PLACES),
+             (lx.COLORS, lx.OBJECTS, lx.FEELINGS), (lx.ADJECTIVES, lx.ANIMALS, lx.PLACES), (lx.FEELINGS,))
+    return math.log(len(forms)) + _mean(_choices(*form) for form in forms)
+
+
+def code_entropy() -> float:
+    arith = _choices(lx.CODE_NOUNS, lx.CODE_VERBS, lx.CODE_OPS, 9, 9)
+    return math.log(3) + _mean((arith, _choices(lx.CODE_NOUNS, 99), _choices(lx.CODE_NOUNS, lx.CODE_NOUNS)))
+
+
+def equation_entropy() -> float:
+    """`a-b` shows (max, min) of two draws from 0..99: 100 equal pairs at 1e-4, 4,950 others at 2e-4."""
+    subtraction = 100 * 1e-4 * math.log(1e4) + 4950 * 2e-4 * math.log(5e3)
+    return math.log(3) + _mean((_choices(18, 18), _choices(100, 100), subtraction))
+
+
+def csv_row_entropy() -> float:
+    """Mean over the two table kinds (a document's rows are all of one kind)."""
+    return _mean((_choices(lx.NAMES, lx.CITIES, 73), _choices(lx.PRODUCTS, 9)))
+
+
+def json_record_entropy() -> float:
+    colors = len(lx.COLORS)
+    tags = math.log(3) + _mean(math.log(math.perm(colors, k)) for k in (1, 2, 3))  # ordered samples of 1-3
+    return tags + _choices(2, lx.NAMES, lx.CITIES)
+
+
+def exchange_entropy() -> float:
+    return math.log(2) + _mean((_choices(lx.COUNTRY_CAPITAL), _choices(lx.ITEMS, lx.ROOMS)))
+
+
+DOCUMENT_ENTROPY: dict[str, Callable[[], float]] = {  # expected nats per document; counts randint(a, b): (a+b)/2
+    "story": lambda: _choices(lx.NAMES, lx.PLACES, 6) + 5.5 * sentence_entropy(),
+    "code": code_entropy,
+    "math": lambda: _choices(11) + 11 * equation_entropy(),
+    "csv": lambda: _choices(2, 7) + 6 * csv_row_entropy(),
+    "json": lambda: _choices(900, 6) + 5.5 * json_record_entropy(),
+    "dialogue": lambda: _choices(5) + 4 * exchange_entropy(),
+}
+
+
+def entropy_floor(pairs: list[tuple[str, str]]) -> dict[str, float]:
+    """Nats per token (a byte, or a document's separator) of the generators over the documents `pairs` (from
+    `embedded_documents`), per domain and "all": each document's expected entropy plus its domain draw. A lower bound
+    on any model's expected loss; a model seeing 128 bytes of context also misses what lies before its window."""
+    docs, tokens = dict.fromkeys(DOMAINS, 0), dict.fromkeys(DOMAINS, 0)
+    for domain, text in pairs:
+        docs[domain] += 1
+        tokens[domain] += len(text) + 1
+    nats = {d: docs[d] * (DOCUMENT_ENTROPY[d]() + math.log(len(DOMAINS))) for d in DOMAINS}
+    floor = {d: nats[d] / tokens[d] for d in DOMAINS if tokens[d]}
+    return {**floor, "all": sum(nats.values()) / sum(tokens.values())}
