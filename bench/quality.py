@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import statistics
 import sys
@@ -46,6 +47,7 @@ sys.path.insert(0, str(REPO_ROOT))  # run as a plain script from anywhere, witho
 from moe_train.cli_config import compose_config  # noqa: E402
 from moe_train.config.schema import validate_config  # noqa: E402
 from moe_train.data import build_data, embedded_documents  # noqa: E402
+from moe_train.data.chat import IGNORE_INDEX  # noqa: E402
 from moe_train.data.embedded import entropy_floor  # noqa: E402
 from moe_train.evaluate import task_batches  # noqa: E402
 from moe_train.models.params import count_parameters  # noqa: E402
@@ -136,8 +138,9 @@ def train_one(overrides: list[str]) -> dict:
         seconds = time.perf_counter() - start
         extra = {"val_expert_choice": non_causal_val(trainer)} if cfg.moe.router == "expert_choice" else {}
         if cfg.data.source == "embedded":
-            extra.update(val_by_domain=val_by_domain(trainer), entropy_floor=entropy_floor(
-                embedded_documents(cfg.data.embedded_size)))
+            by_domain = val_by_domain(trainer)
+            extra.update(val_by_domain=by_domain["all"], val_by_domain_late=by_domain["late"],
+                         entropy_floor=entropy_floor(embedded_documents(cfg.data.embedded_size)))
         run = read_run(Path(tmp))
     evals = {r["step"]: r["val_loss"] for r in run.evals}
     drops = [r["drop_frac"] for r in run.train if "drop_frac" in r]
@@ -159,19 +162,30 @@ def non_causal_val(trainer: Trainer) -> float:
     return loss_sum / max(count, 1.0)
 
 
+LATE = 64  # window positions from here on predict with at least 64 bytes of context
+
+
+def from_position(batches: list, start: int) -> list:
+    """`batches` with only the targets at window positions >= start counted (the others IGNORE_INDEX)."""
+    return [(inputs, torch.cat([torch.full_like(targets[:, :start], IGNORE_INDEX), targets[:, start:]], 1), *rest)
+            for inputs, targets, *rest in batches]
+
+
 @torch.no_grad()
-def val_by_domain(trainer: Trainer) -> dict[str, list[float]]:
-    """{domain: [final validation loss, targets counted]} on the embedded corpus: the same batches as val_loss, each
-    target counted under the domain of the document it belongs to (a separator under the document it ends)."""
+def val_by_domain(trainer: Trainer) -> dict[str, dict[str, list[float]]]:
+    """{"all" | "late": {domain: [final validation loss, targets counted]}} on the embedded corpus: the same batches
+    as val_loss, each target counted under the domain of the document it belongs to (a separator under the document
+    it ends); "late" counts window positions >= LATE only (what the start of a window lacks is context, not capacity)."""
     cfg = trainer.cfg
     data = build_data(dataclasses.replace(cfg.data, task_of_domain=True), cfg.train.seq_len,
                       trainer.micro_batch_size, val_batches=cfg.train.eval_batches, say=lambda _: None)
-    batches, out = list(data.val), {}
+    batches = {"all": list(data.val)}
+    batches["late"], out = from_position(batches["all"], LATE), {"all": {}, "late": {}}
     with trainer.engine.evaluation():
-        for task, domain in enumerate(data.task_names):
-            loss_sum, count = loss_sums(lambda inputs, _: trainer.forward_logits(inputs), task_batches(batches, task),
-                                        trainer.device).tolist()  # host sync: one per domain, after training
-            out[domain] = [loss_sum / count, count]
+        for part, task in itertools.product(out, range(len(data.task_names))):
+            loss_sum, count = loss_sums(lambda inputs, _: trainer.forward_logits(inputs), task_batches(
+                batches[part], task), trainer.device).tolist()  # host sync: one per domain and part, after training
+            out[part][data.task_names[task]] = [loss_sum / count, count]
     return out
 
 
@@ -306,37 +320,51 @@ def horizon(groups: dict, corpus: str) -> list[str]:
     return lines + [""]
 
 
-def domain_losses(runs: list[dict]) -> Optional[dict[str, float]]:
-    """Mean over seeds of each domain's final validation loss, and "all" (None unless every run measured them)."""
-    if not all("val_by_domain" in r for r in runs):
+def domain_losses(runs: list[dict], key: str) -> Optional[dict[str, float]]:
+    """Mean over seeds of each domain's final validation loss under `key` (val_by_domain: every window position,
+    val_by_domain_late: positions >= LATE), and "all" their token-weighted mean (None unless every run has `key`)."""
+    if not all(key in r for r in runs):
         return None
-    domains = list(runs[0]["val_by_domain"])
-    out = {d: statistics.fmean(r["val_by_domain"][d][0] for r in runs) for d in domains}
-    return {**out, "all": statistics.fmean(r["final_val"] for r in runs)}
+
+    def with_all(per: dict) -> dict:
+        return {**{d: loss for d, (loss, _) in per.items()},
+                "all": sum(loss * n for loss, n in per.values()) / sum(n for _, n in per.values())}
+
+    rows = [with_all(r[key]) for r in runs]
+    return {d: statistics.fmean(row[d] for row in rows) for d in rows[0]}
+
+
+def domain_rows(groups: dict, corpus: str) -> dict[tuple[str, str], dict[str, float]]:
+    """{(config, key): domain_losses} for the configs and keys the stored runs have, in CONFIGS order."""
+    rows = {(c, key): domain_losses(groups[corpus, c], key) for c in CONFIGS if (corpus, c) in groups
+            for key in ("val_by_domain", "val_by_domain_late")}
+    return {k: v for k, v in rows.items() if v is not None}
 
 
 def by_domain(groups: dict, corpus: str) -> list[str]:
     """The final validation loss per domain of the embedded corpus beside the generators' entropy (no model can go
-    below it): where the loss left above the floor is, and where the configs differ (in brackets: minus dense)."""
-    rows = {c: domain_losses(groups[corpus, c]) for c in CONFIGS if (corpus, c) in groups}
-    rows = {c: r for c, r in rows.items() if r is not None}
+    below it): where the loss left above the floor is, where the configs differ (in brackets: minus dense), and how
+    much of it is the start of the window (the rows for positions >= LATE)."""
+    rows = domain_rows(groups, corpus)
     if not rows:
         return []
-    first = next(r for c in rows for r in groups[corpus, c])
+    first = groups[corpus, next(iter(rows))[0]][0]
     counts = {d: n for d, (_, n) in first["val_by_domain"].items()}
     floor = {**first["entropy_floor"], "all": sum(first["entropy_floor"][d] * n for d, n in counts.items())
              / sum(counts.values())}  # the floor of the validation tokens' mix of domains
-    dense, domains = rows.get("dense"), [*counts, "all"]
+    domains = [*counts, "all"]
     share = {**{d: f"{n / sum(counts.values()):.0%}" for d, n in counts.items()}, "all": "100%"}
     lines = [f"#### {corpus}: final validation loss by domain (mean over seeds; in brackets: minus the dense twin)",
              "", "| | " + " | ".join(domains) + " |", "|---|" + "---:|" * len(domains),
              "| share of the validation tokens | " + " | ".join(share[d] for d in domains) + " |",
              "| entropy of the generators (floor) | " + " | ".join(f"{floor[d]:.4f}" for d in domains) + " |"]
-    for config, row in rows.items():
+    for (config, key), row in rows.items():
+        dense = rows.get(("dense", key))
         diff = (lambda d: "") if dense is None or row is dense else (lambda d: f" ({row[d] - dense[d]:+.4f})")
         seeds = len(groups[corpus, config])
-        lines.append(f"| {config} ({seeds} seed{'s' if seeds > 1 else ''}) | "
-                     + " | ".join(f"{row[d]:.4f}{diff(d)}" for d in domains) + " |")
+        label = f"{config} ({seeds} seed{'s' if seeds > 1 else ''})"
+        label += f", window positions >= {LATE}" if key == "val_by_domain_late" else ""
+        lines.append(f"| {label} | " + " | ".join(f"{row[d]:.4f}{diff(d)}" for d in domains) + " |")
     return lines + [""]
 
 

@@ -71,6 +71,8 @@ def test_quick_run_is_resumable_and_reports(bench, tmp_path, monkeypatch):
         assert set(per) == set(DOMAINS) and set(run["entropy_floor"]) == {*DOMAINS, "all"}
         assert sum(loss * n for loss, n in per.values()) / sum(n for _, n in per.values()) == \
             pytest.approx(run["final_val"], rel=1e-6)
+        late = run["val_by_domain_late"]  # window positions >= 64 of the same targets: half of them
+        assert sum(n for _, n in late.values()) * 2 == sum(n for _, n in per.values())
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -93,7 +95,8 @@ def test_by_domain_weighs_the_floor_by_the_validation_tokens_and_subtracts_dense
                 "val_by_domain": {"math": [a, 30], "code": [b, 10]},
                 "entropy_floor": {"math": 0.5, "code": 1.5, "all": 9.9}}
 
-    groups = {("embedded", "dense"): [run("dense", 0, 1.0, 2.0), run("dense", 1, 1.2, 2.2)],
+    late = {"val_by_domain_late": {"math": [0.8, 15], "code": [1.6, 5]}}
+    groups = {("embedded", "dense"): [{**run("dense", 0, 1.0, 2.0), **late}, {**run("dense", 1, 1.2, 2.2), **late}],
               ("embedded", "top2_dropless"): [run("top2_dropless", 0, 1.0, 2.0)],
               ("embedded", "sigmoid"): [{"corpus": "embedded", "config": "sigmoid", "seed": 0, "final_val": 1.0}]}
     lines = bench.by_domain(groups, "embedded")
@@ -101,5 +104,7 @@ def test_by_domain_weighs_the_floor_by_the_validation_tokens_and_subtracts_dense
     assert "| entropy of the generators (floor) | 0.5000 | 1.5000 | 0.7500 |" in lines  # 0.5 x 3/4 + 1.5 x 1/4
     assert "| dense (2 seeds) | 1.1000 | 2.1000 | 1.3500 |" in lines
     assert "| top2_dropless (1 seed) | 1.0000 (-0.1000) | 2.0000 (-0.1000) | 1.2500 (-0.1000) |" in lines
+    assert "| dense (2 seeds), window positions >= 64 | 0.8000 | 1.6000 | 1.0000 |" in lines
+    assert not any(line.startswith("| top2_dropless (1 seed), window") for line in lines)  # it has no late losses
     assert not any("sigmoid" in line for line in lines)  # runs stored before the per-domain losses: left out
     assert bench.by_domain({("embedded", "sigmoid"): groups["embedded", "sigmoid"]}, "embedded") == []
