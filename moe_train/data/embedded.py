@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import random
+from statistics import fmean
 from typing import Callable
 
 from moe_train.data import lexicon as lx
@@ -154,12 +155,7 @@ def embedded_documents(size: int) -> list[tuple[str, str]]:
 # Expected entropy (nats) of one document of each domain: the log-count of every random choice that shows in the text
 # (choices made but not shown, such as the sentence forms `_sentence` builds and drops, do not count), with the
 # expected number of repeats for counted parts. Mirrors the generators above; tests/test_data.py checks each part
-# against a plug-in estimate from sampled texts, so a generator change that these miss fails there.
-
-
-def _mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values)
+# against the generators' own draws, or against a plug-in estimate from sampled texts where a draw does not show.
 
 
 def _choices(*options) -> float:
@@ -170,33 +166,33 @@ def _choices(*options) -> float:
 def sentence_entropy() -> float:
     forms = ((lx.MOTION_VERBS, lx.PLACES, lx.TIMES), (lx.ADJECTIVES, lx.ANIMALS, lx.PLACES),
              (lx.COLORS, lx.OBJECTS, lx.FEELINGS), (lx.ADJECTIVES, lx.ANIMALS, lx.PLACES), (lx.FEELINGS,))
-    return math.log(len(forms)) + _mean(_choices(*form) for form in forms)
+    return math.log(len(forms)) + fmean(_choices(*form) for form in forms)
 
 
 def code_entropy() -> float:
     arith = _choices(lx.CODE_NOUNS, lx.CODE_VERBS, lx.CODE_OPS, 9, 9)
-    return math.log(3) + _mean((arith, _choices(lx.CODE_NOUNS, 99), _choices(lx.CODE_NOUNS, lx.CODE_NOUNS)))
+    return math.log(3) + fmean((arith, _choices(lx.CODE_NOUNS, 99), _choices(lx.CODE_NOUNS, lx.CODE_NOUNS)))
 
 
 def equation_entropy() -> float:
     """`a-b` shows (max, min) of two draws from 0..99: 100 equal pairs at 1e-4, 4,950 others at 2e-4."""
     subtraction = 100 * 1e-4 * math.log(1e4) + 4950 * 2e-4 * math.log(5e3)
-    return math.log(3) + _mean((_choices(18, 18), _choices(100, 100), subtraction))
+    return math.log(3) + fmean((_choices(18, 18), _choices(100, 100), subtraction))
 
 
 def csv_row_entropy() -> float:
     """Mean over the two table kinds (a document's rows are all of one kind)."""
-    return _mean((_choices(lx.NAMES, lx.CITIES, 73), _choices(lx.PRODUCTS, 9)))
+    return fmean((_choices(lx.NAMES, lx.CITIES, 73), _choices(lx.PRODUCTS, 9)))
 
 
 def json_record_entropy() -> float:
     colors = len(lx.COLORS)
-    tags = math.log(3) + _mean(math.log(math.perm(colors, k)) for k in (1, 2, 3))  # ordered samples of 1-3
+    tags = math.log(3) + fmean(math.log(math.perm(colors, k)) for k in (1, 2, 3))  # ordered samples of 1-3
     return tags + _choices(2, lx.NAMES, lx.CITIES)
 
 
 def exchange_entropy() -> float:
-    return math.log(2) + _mean((_choices(lx.COUNTRY_CAPITAL), _choices(lx.ITEMS, lx.ROOMS)))
+    return math.log(2) + fmean((_choices(lx.COUNTRY_CAPITAL), _choices(lx.ITEMS, lx.ROOMS)))
 
 
 DOCUMENT_ENTROPY: dict[str, Callable[[], float]] = {  # expected nats per document; counts randint(a, b): (a+b)/2
