@@ -12,6 +12,7 @@ one JSON line). A step is forward, `(out.float().sum() + aux).backward()` with t
 `.grad` set to None. Time of one run: median of `--repeats` steps after `--warmup` steps (time.perf_counter,
 synchronised on CUDA). Each (tokens, dtype) group is run `--rounds` times, dense first in each round; the time ratio
 is the median over rounds of case / dense of the same round, so drift of a shared machine cancels within a pair.
+With --compile every case's forward (dense included) is wrapped in torch.compile, compiled during the warm-up.
 Peak memory, on one more identical step: CUDA `max_memory_allocated` minus the allocated bytes before it; CPU the
 peak RSS (VmHWM, reset through /proc/self/clear_refs after malloc_trim) minus the RSS before it. On CPU the
 child's address space is capped a little below MemAvailable, so an oversized case fails with an allocation error
@@ -268,6 +269,8 @@ def run_case(spec: dict) -> dict:
     device, dtype = torch.device(spec["device"]), getattr(torch, spec["dtype"])
     shape = spec.get("d_model", D_MODEL), spec.get("d_ff", D_FF)
     bench = CASES[spec["case"]](spec["tokens"], dtype, device, *shape)
+    if spec.get("compile"):
+        bench.forward = torch.compile(bench.forward)  # compiled on the first warm-up step (warmup >= 1)
     try:
         limit_cpu_memory(device)
         step = functools.partial(fwd_bwd, bench)
@@ -352,7 +355,8 @@ def run_group(args: argparse.Namespace, tokens: int, dtype: str, cases: list[str
     for _ in range(args.rounds):
         for case in cases:
             spec = {"case": case, "tokens": tokens, "dtype": dtype, "device": args.device,
-                    "repeats": args.repeats, "warmup": args.warmup, "d_model": args.d_model, "d_ff": args.d_ff}
+                    "repeats": args.repeats, "warmup": args.warmup, "d_model": args.d_model, "d_ff": args.d_ff,
+                    "compile": args.compile}
             results[case].append(run_in_subprocess(spec, args.timeout))
             res = results[case][-1]
             print(f"{tokens} {dtype} {case}: {res.get('median_ms', res.get('error'))}", file=sys.stderr, flush=True)
@@ -393,18 +397,25 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--d-model", type=int, default=D_MODEL, help="model width D (dense and every MoE case)")
     p.add_argument("--d-ff", type=int, default=D_FF, help=f"expert width F (the dense FFN is {TOP_K} x F wide)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile every case's forward, dense included (as train.compile=true does per block)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per case before it counts as an error")
     p.add_argument("--out", help="also write the markdown table to this file")
     p.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case (JSON spec) in this process
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.compile and args.warmup < 1:
+        p.error(f"--compile needs --warmup >= 1 (the first step compiles), got --warmup {args.warmup}")
+    return args
 
 
 def header(args: argparse.Namespace) -> str:
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {os.cpu_count()} cores"
+    compiled = "; every case torch.compile-d" if args.compile else ""
     return (f"$ {shlex.join([sys.executable, *sys.argv])}\n\n"
             f"device: {device}; torch {torch.__version__}, {torch.get_num_threads()} threads; D={args.d_model} "
-            f"F={args.d_ff} E={NUM_EXPERTS}; per run the median of {args.repeats} steps after {args.warmup} warm-up; "
-            f"{args.rounds} rounds; time ratio = median over rounds of (case / dense of the same round)\n")
+            f"F={args.d_ff} E={NUM_EXPERTS}{compiled}; per run the median of {args.repeats} steps after "
+            f"{args.warmup} warm-up; {args.rounds} rounds; time ratio = median over rounds of (case / dense of the "
+            f"same round)\n")
 
 
 def main() -> None:
