@@ -11,10 +11,11 @@ import dataclasses
 import math
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
+from torch._functorch import config as functorch_config
 
 from moe_train.checkpoint.checkpointer import Checkpointer, CheckpointParts, TrainState, find_resume_point
 from moe_train.config.moe import MoEConfig
@@ -65,11 +66,20 @@ def lm_loss(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
     return total / count.clamp_min(1)
 
 
-def autocast_for(device: torch.device, mixed_precision: str):
-    """train.mixed_precision=bf16: torch.autocast to bfloat16 on `device`; none: no autocast."""
-    if mixed_precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+@contextlib.contextmanager
+def autocast_for(device: torch.device, mixed_precision: str) -> Iterator[None]:
+    """train.mixed_precision=bf16: torch.autocast to bfloat16 on `device` around the forward; none: no autocast.
+
+    The backward runs outside it, so eager autograd computes each op's backward in its forward's dtypes (the
+    router's GEMMs in float32). torch.compile would trace a compiled region's backward under the autocast active at
+    its forward (`backward_pass_autocast="same_as_forward"`, torch's default: pytorch#153044), casting the router's
+    float32 backward GEMMs to bf16; "off" traces it as eager runs it. A config patch, not a global setting: it holds
+    while a region is traced, which happens inside this context."""
+    if mixed_precision != "bf16":
+        yield
+        return
+    with torch.autocast(device.type, dtype=torch.bfloat16), functorch_config.patch(backward_pass_autocast="off"):
+        yield
 
 
 @torch.no_grad()
