@@ -54,6 +54,7 @@ from moe_train.config.moe import MoEConfig  # noqa: E402
 from moe_train.models.moe.dispatch import LocalDispatcher  # noqa: E402
 from moe_train.models.moe.layer import MoELayer  # noqa: E402
 from moe_train.models.transformer import FeedForward  # noqa: E402
+from moe_train.training.trainer import autocast_for  # noqa: E402
 
 OPTIMIZER_BYTES = 28  # fused AdamW, float32 state: 4 reads + 3 writes of 4 bytes per parameter
 CLIP_BYTES = 12  # clip_grad_norm: the norm reads each gradient (4), the scale reads and writes it (8)
@@ -139,7 +140,7 @@ def compiled_step_bytes(module: nn.Module, tokens: int, d_model: int) -> KernelB
     x = torch.randn(tokens, d_model, requires_grad=True)
     with recording_kernels(graphs):
         compiled = torch.compile(module, fullgraph=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast_for(torch.device("cpu"), "bf16"):  # the Trainer's: its backward traced without autocast
             out = compiled(x)
         y, aux = out if isinstance(out, tuple) else (out, 0.0)
         (y.float().square().mean() + aux).backward()
