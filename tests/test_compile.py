@@ -39,6 +39,25 @@ def test_moe_layer_grouped_compiles_fullgraph_and_equals_eager(capacity_factor):
 
 
 
+
+def test_compiles_of_other_capacity_factors_in_one_process_equal_eager():
+    """`moe-train -m moe.capacity_factor=1.25,1.5 train.compile=true` runs its jobs in one process, so the second
+    job compiles the same code with another capacity factor. torch.compile turns a float that changed between
+    compiles symbolic, and capacity sizes derived from it failed inside the scatter-free gathers' autograd.Function
+    (the accelerator path: CPU's index_select path has none). Each compile equals eager."""
+    torch._dynamo.reset()  # the sequence below, not whatever earlier tests compiled
+    for capacity_factor in (1.25, 1.5, -1.0, 1.25):
+        torch.manual_seed(0)
+        layer = make_layer(d_model=32, num_experts=4, top_k=2, d_ff=48, capacity_factor=capacity_factor,
+                           expert_impl="grouped")
+        layer.dispatcher = LocalDispatcher(scatter_free=True)
+        x = torch.randn(64, 32)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, _, grad_x, _ = forward_backward(layer, x)
+            c_out, _, c_grad_x, _ = forward_backward(torch.compile(layer, fullgraph=True), x)
+        assert torch.allclose(c_out, out, atol=1e-3) and torch.allclose(c_grad_x, grad_x, atol=1e-3), capacity_factor
+    torch._dynamo.reset()
+
 def test_compiled_backward_runs_outside_autocast_as_eager():
     """The Trainer runs only the forward under autocast (`autocast_for`); eager's backward then computes the router's
     float32 GEMMs in float32. torch.compile traces a region's backward under the forward's autocast unless told not

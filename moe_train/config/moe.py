@@ -138,9 +138,6 @@ class MoEConfig:
     def dropless(self) -> bool:
         return self.capacity_factor == DROPLESS
 
-    def capacity_factor_for(self, training: bool) -> float:
-        return self.capacity_factor if training else self.eval_capacity_factor
-
 
 def _check_choice(name: str, value: object, allowed: tuple) -> None:
     if value not in allowed:

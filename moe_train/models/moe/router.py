@@ -89,6 +89,13 @@ class TopKRouter(nn.Module):
         self.jitter_eps = cfg.jitter_eps
         self.sample_second = cfg.second_expert_policy == "sampling"
         self.router_input = cfg.router_input
+        # (eval, training) capacity factors as exact integer ratios; capacity_factor() divides them back into the same
+        # floats. torch.compile specialises the ints a module holds, but a float whose value differs between two
+        # compiles of this code in one process (a `-m` sweep over moe.capacity_factor) turns symbolic, and capacity
+        # sizes derived from it cannot enter the scatter-free gathers' autograd.Function (torch: "Source of ... is
+        # None when lifting it to input of top-level").
+        self.capacity_ratios = tuple(float(f).as_integer_ratio() for f in (cfg.eval_capacity_factor,
+                                                                           cfg.capacity_factor))
         # Kept in float32 like DeepSpeed's TopKGate.wg; routing decisions are sensitive to rounding.
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, d_model, dtype=torch.float32))
         # A learned task embedding in the router's input space (moe.router_input task / token_and_task).
@@ -171,12 +178,17 @@ class TopKRouter(nn.Module):
     def token_choice_plan(self, ids_TK, probs_TK, active_TK) -> TokenChoicePlan:
         """Capacity (moe.capacity_factor, or eval_capacity_factor in eval mode) or dropless plan of the choices."""
         cfg = self.cfg
-        capacity_factor = cfg.capacity_factor_for(self.training)
+        capacity_factor = self.capacity_factor()
         if capacity_factor < 0:
             return dropless_plan(ids_TK, probs_TK, cfg.num_experts, cfg.renormalize, cfg.routed_scale)
         capacity = expert_capacity(ids_TK.shape[0], cfg.num_experts, cfg.top_k, capacity_factor, cfg.min_capacity)
         return capacity_plan(ids_TK, probs_TK, active_TK, cfg.num_experts, capacity, cfg.drop_policy,
                              cfg.renormalize, cfg.routed_scale)
+
+    def capacity_factor(self) -> float:
+        """moe.capacity_factor in training, moe.eval_capacity_factor in eval mode (negative: dropless)."""
+        num, den = self.capacity_ratios[self.training]
+        return num / den
 
     @staticmethod
     def sample_second_expert(probs_TK: torch.Tensor) -> torch.Tensor:
@@ -230,7 +242,8 @@ class ExpertChoiceRouter(TopKRouter):
         cfg = self.cfg
         logits_TE = self.compute_logits(x_TD)
         scores_TE, probs_TE = self.scores(logits_TE)
-        capacity = expert_capacity(x_TD.shape[0], cfg.num_experts, cfg.top_k, cfg.capacity_factor, cfg.min_capacity)
+        capacity = expert_capacity(x_TD.shape[0], cfg.num_experts, cfg.top_k, self.capacity_factor(),
+                                   cfg.min_capacity)
         plan = expert_choice_plan(scores_TE, capacity, cfg.routed_scale)
         expert_R = torch.arange(cfg.num_experts, device=x_TD.device).repeat_interleave(plan.capacity)
         counted_TE = torch.zeros(probs_TE.shape, dtype=torch.float32, device=x_TD.device)
