@@ -135,3 +135,22 @@ def test_compiled_expert_parallel_training_equals_eager_single_process(tmp_path,
     args = overrides("dropless", 2, ("parallel.ep=2", "train.compile=true", *engine))
     compiled = run_ranks(2, train_compiled, args, str(tmp_path / "compiled"))[0]
     assert compiled == pytest.approx(reference, abs=2e-4)
+
+
+def train_accelerator_path(rank: int, world_size: int, args: list[str], run_dir: str) -> list[float]:
+    LocalDispatcher.use_scatter_free = lambda self, x: True  # in this spawned rank only: the gathers a GPU runs
+    return train_compiled(rank, world_size, args, run_dir)
+
+
+@pytest.mark.slow  # ~30 s per mode on 2 cores
+@pytest.mark.parametrize("mode", ["capacity", "dropless"])
+def test_compiled_expert_parallel_accelerator_path_equals_eager(tmp_path, mode):
+    """What a GPU runs and CPU defaults skip: the scatter-free gathers (autograd.Functions inside the compiled
+    regions), grouped experts, bf16 autocast; ep 2 compiled against eager on one process, 5 steps."""
+    from test_distributed_train import overrides
+
+    gpu_path = ("train.mixed_precision=bf16", "moe.expert_impl=grouped")
+    reference = run_ranks(1, train_accelerator_path, overrides(mode, 1, gpu_path), str(tmp_path / "eager"))[0]
+    args = overrides(mode, 2, (*gpu_path, "parallel.ep=2", "train.compile=true"))
+    compiled = run_ranks(2, train_accelerator_path, args, str(tmp_path / "compiled"))[0]
+    assert compiled == pytest.approx(reference, abs=1e-3)
